@@ -1,0 +1,138 @@
+"""Engine configuration: frozen dataclasses, one per part (configs/*.yaml map onto them 1:1).
+
+Pure Python (no torch): the server and CLI build these before the engine exists.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family model, read from its HF config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    """Qwen2 has biases on q/k/v projections."""
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_hf_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        hf = json.loads((Path(model_dir) / "config.json").read_text())
+        rope = hf.get("rope_parameters") or {}
+        if (hf.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+            raise ValueError("rope scaling is not supported yet")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),
+            eos_token_ids=eos_ids,
+            bos_token_id=hf.get("bos_token_id"),
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_tokens: int = 65536
+    """KV cache capacity in tokens (--kv-cache-tokens); rounded down to whole blocks."""
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.num_tokens < self.block_size:
+            raise ValueError("kv cache must hold at least one block")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests running at once (--max-num-seqs)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step; longer prompts are prefilled in chunks (--max-num-batched-tokens)."""
+    max_model_len: int = 8192
+    """Prompt + output tokens of one request (the context window)."""
+    max_queue: int = 256
+    """Waiting requests beyond which new ones are refused with 429 (--max-queue)."""
+
+    def __post_init__(self):
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_queue < 0:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    """The default model's name, or a local HF model directory."""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    dtype: str = "auto"
+    """auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA)"""
+    spec: str = "none"
+    """Server-wide speculation method (--spec)."""
+    cache_dir: str | None = None
+    """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
+        if self.spec not in ("none",):
+            raise ValueError(f"unknown speculation method {self.spec!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        """Build from a nested dict (a parsed configs/*.yaml), rejecting unknown keys."""
+        d = dict(d)
+        parts = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        for key, part_cls in parts.items():
+            if key in d:
+                d[key] = _strict(part_cls, d[key])
+        return _strict(cls, d)
+
+
+def _strict(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**d)
