@@ -1,0 +1,193 @@
+"""The engine: one `step()` = schedule -> run the model -> sample -> update requests.
+
+Not thread-safe: the server's engine thread is its only caller (server/engine_client.py).
+Speculation (issue 3) slots in between "run" and "update": proposers fill `ScheduledRequest.draft`
+and the verifier turns a request's logits rows into several tokens, which `_append_tokens`
+already accepts as a list and truncates at the first stop, exactly as plain decoding would.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import OutputText
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.models.loader import model_name, resolve_model_dir
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+from engine.types import (EngineRequest, FinishedStats, FinishReason, Request, RequestOutput, SchedulerOutput,
+                          StepStats, TokenLogprob)
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return dtype
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_dir = resolve_model_dir(config.model, config.cache_dir)
+        self.model_name = model_name(config.model)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.model_config = ModelConfig.from_hf_dir(model_dir)
+        self.device = pick_device(config.device)
+        self.runner = ModelRunner(self.model_config, model_dir, config.cache, self.device,
+                                  pick_dtype(config.dtype, self.device))
+        self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size)
+        self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings,
+                                 config.cache.num_blocks * config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler()
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._pending: list[RequestOutput] = []  # outputs produced between steps (aborts)
+        self._pending_finished: list[FinishedStats] = []
+        self.last_stats = StepStats()
+
+    # ------------------------------------------------------------ requests in and out
+
+    def add_request(self, req: EngineRequest) -> None:
+        request = Request(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
+                          num_prompt_tokens=len(req.prompt_token_ids), sampling=req.sampling, spec=req.spec,
+                          arrival_time=req.arrival_time)
+        request.state["text"] = OutputText(self.tokenizer, request.token_ids, req.sampling.stop)
+        self.scheduler.add(request)  # raises QueueFullError: nothing else to undo
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._pending.append(self._final_output(request, FinishReason.ABORT, [], "", None))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._pending)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    # ------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        sched = self.scheduler.schedule()
+        outputs, self._pending = self._pending, []
+        outputs += [self._fail(r, "request can never fit in the KV cache") for r in self.scheduler.pop_failed()]
+        stats = StepStats(batch_size=len(sched.scheduled), num_preemptions=len(sched.preempted_ids))
+        if not sched.is_empty:
+            outputs += self._run(sched, stats)
+        self._finish_stats(stats, time.perf_counter() - start)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, stats: StepStats) -> list[RequestOutput]:
+        sampling = [s.request for s in sched.scheduled if s.samples]
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
+            is_decode = s.request.num_computed_tokens >= s.request.num_prompt_tokens
+            if is_decode:
+                stats.num_decode_tokens += s.num_new_tokens
+            else:
+                stats.num_prefill_tokens += s.num_new_tokens
+        model_out = self.runner.execute(sched)
+        sampled = self.sampler.sample(model_out.logits, sampling) if sampling else None
+        self.scheduler.update_after_step(sched)
+        outputs = []
+        for i, request in enumerate(sampling):
+            logprob = sampled.logprobs[i] if sampled.logprobs else None
+            out = self._append_tokens(request, [sampled.token_ids[i]], [logprob])
+            stats.num_generated_tokens += len(out.new_token_ids)
+            outputs.append(out)
+        return outputs
+
+    def _append_tokens(self, request: Request, token_ids: list[int],
+                       logprobs: list[TokenLogprob | None]) -> RequestOutput:
+        """Append tokens one at a time, stopping at the first one that ends the request."""
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        text_state: OutputText = request.state["text"]
+        new_ids, new_text, reason = [], [], None
+        for token_id in token_ids:
+            request.token_ids.append(token_id)
+            new_ids.append(token_id)
+            reason = self._stop_reason(request, token_id)
+            if reason is None or reason == FinishReason.LENGTH:
+                text, stopped = text_state.push(token_id)
+                new_text.append(text)
+                reason = FinishReason.STOP if stopped else reason
+            if reason is not None:
+                break
+        new_logprobs = None
+        if request.sampling.logprobs is not None:
+            new_logprobs = [lp for lp in logprobs[:len(new_ids)]]
+        if reason is None:
+            return RequestOutput(request.request_id, new_ids, "".join(new_text), request.num_prompt_tokens,
+                                 request.num_output_tokens, new_logprobs)
+        if not text_state.stopped:
+            new_text.append(text_state.finish())
+        self.scheduler.finish(request, reason)
+        return self._final_output(request, reason, new_ids, "".join(new_text), new_logprobs)
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        sampling = request.sampling
+        if token_id in sampling.stop_token_ids or (token_id in self.eos_token_ids and not sampling.ignore_eos):
+            return FinishReason.STOP
+        if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        log.error("request %s failed: %s", request.request_id, message)
+        if not request.is_finished:
+            self.scheduler.finish(request, FinishReason.ERROR)
+        out = self._final_output(request, FinishReason.ERROR, [], "", None)
+        out.error = message
+        return out
+
+    def _final_output(self, request: Request, reason: FinishReason, new_ids: list[int], new_text: str,
+                      new_logprobs) -> RequestOutput:
+        now = time.monotonic()
+        scheduled = request.first_scheduled_time
+        self._pending_finished.append(FinishedStats(
+            finish_reason=reason, num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            queue_time=(scheduled if scheduled is not None else now) - request.arrival_time,
+            ttft=None if request.first_token_time is None else request.first_token_time - request.arrival_time,
+            e2e_latency=now - request.arrival_time))
+        return RequestOutput(request.request_id, new_ids, new_text, request.num_prompt_tokens,
+                             request.num_output_tokens, new_logprobs, finish_reason=reason)
+
+    def _finish_stats(self, stats: StepStats, step_time: float) -> None:
+        stats.step_time = step_time
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.kv_cache_usage = self.kv.usage
+        stats.method = self.config.spec
+        stats.finished, self._pending_finished = self._pending_finished, []
+        self.last_stats = stats
