@@ -95,7 +95,7 @@ class LLMEngine:
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         outputs, self._pending = self._pending, []
-        outputs += [self._fail(r, "request can never fit in the KV cache") for r in self.scheduler.pop_failed()]
+        outputs += [self._fail(r, r.state.get("error", "request cannot be scheduled")) for r in self.scheduler.pop_failed()]
         stats = StepStats(batch_size=len(sched.scheduled), num_preemptions=len(sched.preempted_ids))
         if not sched.is_empty:
             outputs += self._run(sched, stats)
