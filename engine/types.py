@@ -179,6 +179,9 @@ class VerifyResult:
     token_ids: list[int]
     num_draft: int
     num_accepted: int
+    accepted_nodes: list[int] = field(default_factory=list)
+    """The accepted draft nodes, root to leaf (len == num_accepted); token_ids[i] was produced at
+    verify row ([0] + [node + 1 for node in accepted_nodes])[i] (see engine/verifier.py)."""
 
 
 # ---------------------------------------------------------------- engine -> server
