@@ -1,0 +1,134 @@
+"""`specd serve` and `specd download-default`.
+
+serve: builds an EngineConfig from the flags, an engine factory that imports engine.engine (and
+torch) only inside the engine thread, and runs uvicorn. SIGTERM/SIGINT: new requests get 503 at
+once (the client drains), uvicorn stops accepting connections and waits for in-flight responses
+(--drain-timeout), then the engine thread stops.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from engine.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+
+log = logging.getLogger("specd")
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    d_cache, d_sched = CacheConfig(), SchedulerConfig()
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default) or a local HF model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--max-num-seqs", type=int, default=d_sched.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d_sched.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=d_sched.max_model_len)
+    p.add_argument("--max-queue", type=int, default=d_sched.max_queue,
+                   help="waiting requests beyond which new ones get 429")
+    p.add_argument("--kv-cache-tokens", type=int, default=d_cache.num_tokens)
+    p.add_argument("--block-size", type=int, default=d_cache.block_size)
+    p.add_argument("--spec", default="none", help="speculation method (none)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-dir", default=None, help="where the default model is cached")
+    p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on API routes (default $SPECD_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specd", description="OpenAI-compatible server with speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_args(sub.add_parser("serve", help="run the HTTP server"))
+    dl = sub.add_parser("download-default", help=f"prepare the cached {DEFAULT_MODEL} (dequantize once)")
+    dl.add_argument("--cache-dir", default=None)
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, spec=args.spec, cache_dir=args.cache_dir,
+        num_threads=args.num_threads,
+        cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len, max_queue=args.max_queue),
+    )
+
+
+def make_engine_factory(config: EngineConfig):
+    def factory():
+        from engine.engine import LLMEngine  # torch is imported here, in the engine thread only
+
+        return LLMEngine(config)
+    return factory
+
+
+def make_exporter():
+    try:
+        from engine.metrics import PrometheusExporter
+    except ImportError:
+        log.warning("engine.metrics is unavailable; /metrics shows the default registry only")
+        return None
+    return PrometheusExporter()
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import build_app
+    from server.engine_client import EngineClient
+
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        print(f"specd serve: {exc}", file=sys.stderr)
+        return 2
+
+    def on_load_error(exc: BaseException) -> None:
+        # The model cannot load: stop uvicorn (gracefully) and exit 1 below.
+        server.should_exit = True
+
+    client = EngineClient(make_engine_factory(config), exporter=make_exporter(), on_load_error=on_load_error)
+    app = build_app(client, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                    drain_timeout=args.drain_timeout)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            client.begin_drain()  # requests arriving from now on get 503 while in-flight ones finish
+            super().handle_exit(sig, frame)
+
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=int(args.drain_timeout), access_log=False)
+    server = Server(uv_config)
+    server.run()
+    if client.load_error is not None:
+        print(f"specd serve: the model failed to load: {client.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def download_default(args: argparse.Namespace) -> int:
+    from engine.models.loader import resolve_model_dir
+
+    path = resolve_model_dir(DEFAULT_MODEL, args.cache_dir)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return serve(args)
+    return download_default(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

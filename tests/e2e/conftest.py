@@ -1,0 +1,109 @@
+"""The real server as a subprocess on 127.0.0.1, serving the tiny random-weight Llama.
+
+`server_url` is one shared server for the whole session; `start_server(model_dir, *flags)` starts
+another with custom flags (small queue, API key) for the tests that need one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def launch(model_dir: Path, *flags: str, env: dict | None = None) -> ServerProcess:
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="specd-e2e-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--kv-cache-tokens", "16384", "--log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, Path(log_file.name))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_model_dir):
+    """Factory: start_server(*flags) -> ServerProcess; every server started is stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(*flags: str, model_dir: Path | None = None, env: dict | None = None) -> ServerProcess:
+        server = launch(model_dir or tiny_model_dir, *flags, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    return start_server()
+
+
+@pytest.fixture(scope="session")
+def server_url(server) -> str:
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def model_name(tiny_model_dir) -> str:
+    return Path(tiny_model_dir).resolve().name
+
+
+@pytest.fixture
+def client(server_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0, timeout=60)
