@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -129,6 +130,7 @@ class LLMEngine:
         """Append tokens one at a time, stopping at the first one that ends the request."""
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
+        request.spec_usage.steps += 1
         text_state: OutputText = request.state["text"]
         new_ids, new_text, reason = [], [], None
         for token_id in token_ids:
@@ -141,12 +143,10 @@ class LLMEngine:
                 reason = FinishReason.STOP if stopped else reason
             if reason is not None:
                 break
-        new_logprobs = None
-        if request.sampling.logprobs is not None:
-            new_logprobs = [lp for lp in logprobs[:len(new_ids)]]
+        new_logprobs = logprobs[:len(new_ids)] if request.sampling.logprobs is not None else None
         if reason is None:
             return RequestOutput(request.request_id, new_ids, "".join(new_text), request.num_prompt_tokens,
-                                 request.num_output_tokens, new_logprobs)
+                                 request.num_output_tokens, new_logprobs, spec=replace(request.spec_usage))
         if not text_state.stopped:
             new_text.append(text_state.finish())
         self.scheduler.finish(request, reason)
@@ -181,7 +181,8 @@ class LLMEngine:
             ttft=None if request.first_token_time is None else request.first_token_time - request.arrival_time,
             e2e_latency=now - request.arrival_time))
         return RequestOutput(request.request_id, new_ids, new_text, request.num_prompt_tokens,
-                             request.num_output_tokens, new_logprobs, finish_reason=reason)
+                             request.num_output_tokens, new_logprobs, finish_reason=reason,
+                             spec=replace(request.spec_usage))
 
     def _finish_stats(self, stats: StepStats, step_time: float) -> None:
         stats.step_time = step_time

@@ -92,6 +92,18 @@ class DraftTree:
 
 
 @dataclass
+class SpecUsage:
+    steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per step, the bonus token included (1.0 without speculation)."""
+        return (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0
+
+
+@dataclass
 class Request:
     """The engine's state of one request; only the scheduler and the engine mutate it."""
 
@@ -109,6 +121,8 @@ class Request:
     finish_reason: FinishReason | None = None
     draft: DraftTree | None = None
     num_preemptions: int = 0
+    spec_usage: SpecUsage = field(default_factory=SpecUsage)
+    """Running totals of this request's speculation (steps that emitted tokens, drafts, accepted)."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     state: dict = field(default_factory=dict)
@@ -193,18 +207,6 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     """The top-N (token_id, logprob) alternatives, most likely first."""
-
-
-@dataclass
-class SpecUsage:
-    steps: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens emitted per step, the bonus token included (1.0 without speculation)."""
-        return (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0
 
 
 @dataclass
