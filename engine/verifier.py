@@ -35,8 +35,11 @@ Lossless by construction:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from engine.sampler import sample_from_probs
 from engine.spec.base import children, validate
 from engine.types import DraftTree, VerifyResult
 
@@ -46,20 +49,15 @@ from engine.types import DraftTree, VerifyResult
 def sample_token(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token from `probs` ([vocab], non-negative, not necessarily normalized).
 
-    The one sampling rule for plain, bonus and recovered tokens, by inverting the CDF with one
-    uniform u from the request's own generator, so a seeded request's tokens
-    don't depend on what else is batched: the token is the first i with cdf[i] > u * cdf[-1].
-    A zero-probability token is never drawn (its cdf equals its predecessor's). Same distribution
-    as torch.multinomial, which on CPU costs ~13x more at a 49k vocabulary (1.7 ms vs 0.13 ms).
+    The one sampling rule for plain, bonus and recovered tokens: the sampler's inverse-CDF draw with
+    one uniform from the request's own generator, so a seeded request's tokens don't depend on what
+    else is batched. A zero-probability token is never drawn.
     """
-    # float64 cdf and a float32 u <= 1 - 2**-24: u * total stays strictly below total after rounding.
-    cdf = probs.double().cumsum(0)
-    device = generator.device if generator is not None else probs.device
-    u = torch.rand((), generator=generator, device=device).to(probs.device, torch.float64)
-    token = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    if token >= cdf.shape[0]:  # only when the total is 0 or NaN: a bug upstream, not a token
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0.0:  # a bug upstream, not a token
         raise ValueError("cannot sample: the probabilities sum to zero or are not finite")
-    return token
+    generator = generator if generator is not None else torch.default_generator
+    return int(sample_from_probs(probs.unsqueeze(0), [generator])[0])
 
 
 def accepts(u: float, p_x: float, q_x: float) -> bool:
