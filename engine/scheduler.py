@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
@@ -42,7 +43,8 @@ class _StepBuilder:
         self.preempted_ids: list[str] = []
 
     def add(self, request: Request, num_new_tokens: int, num_draft_tokens: int = 0) -> None:
-        self.scheduled[request.request_id] = ScheduledRequest(request, num_new_tokens)
+        self.scheduled[request.request_id] = ScheduledRequest(request, num_new_tokens,
+                                                              max_draft_tokens=num_draft_tokens)
         self.num_reserved[request.request_id] = num_new_tokens + num_draft_tokens
         self.budget -= num_new_tokens + num_draft_tokens
 
@@ -58,9 +60,12 @@ class _StepBuilder:
 class Scheduler:
     """Owns the waiting queue and the running set; decides what every step computes."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 draft_policy: Callable[[Request], int] | None = None):
         self.config = config
         self.kv = kv
+        self.draft_policy = draft_policy or (lambda request: 0)
+        """How many drafts a request would like this step (the engine's speculation controller)."""
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order: the last one is the newest
         self._requests: dict[str, Request] = {}  # every waiting or running request
@@ -151,9 +156,13 @@ class Scheduler:
         Called only for decoding requests, after their one real token is counted; the result is
         reserved in the token budget and in KV slots, so it must also respect the free KV blocks
         (asking for more than fits would preempt other requests for the sake of drafts).
-        0 until speculation lands.
         """
-        return 0
+        wanted = self.draft_policy(request)
+        if wanted <= 0:
+            return 0
+        num_slots_owned = len(request.block_ids) * self.kv.block_size
+        spare_slots = num_slots_owned - (request.num_computed_tokens + 1) + self.kv.num_free_blocks * self.kv.block_size
+        return max(0, min(wanted, budget_left, spare_slots))
 
     # ------------------------------------------------------------ phases
 

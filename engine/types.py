@@ -152,6 +152,9 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     draft: DraftTree | None = None
+    """Draft nodes verified after the new tokens (the proposer fills it, up to max_draft_tokens)."""
+    max_draft_tokens: int = 0
+    """Draft slots the scheduler reserved in the token budget and the KV cache for this step."""
 
     @property
     def samples(self) -> bool:

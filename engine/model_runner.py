@@ -1,0 +1,195 @@
+"""The one place that builds tensors: a SchedulerOutput becomes one flat ragged batch.
+
+Every scheduled request contributes its new tokens (prefill, a prefill chunk or one decode token)
+and, when it carries a draft, the draft nodes right after them, all back to back without padding
+(EMS-SD). Draft node j of a request sits at cache index num_computed + num_new + j (its slot) but at
+RoPE position last_position + depth(j), and sees the context, the new tokens and its own ancestors
+through a per-request tree mask; a chain draft needs no mask (it is plain causal).
+
+Logits are computed only for the rows that sample: the last new token of each request that reaches
+the end of its known tokens, plus every draft node (the verifier scores those).
+The runner never mutates requests; the engine advances num_computed_tokens after the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+from engine.models.llama import TORCH_DTYPES, AttentionMetadata, LlamaModel
+from engine.types import DraftTree, ModelOutput, ScheduledRequest, SchedulerOutput
+from kernels.attention import plan_attention
+from kernels.kv_cache_ops import copy_slots
+
+
+@dataclass
+class RequestLayout:
+    """One request's rows in the step's flat batch (plain Python, so it is cheap to test)."""
+
+    token_ids: list[int]
+    positions: list[int]  # RoPE positions
+    cache_indices: list[int]  # index in the request's KV sequence (slot = block table lookup of it)
+    kv_len: int  # the request's KV length once this step's K/V are stored
+    sample_rows: list[int] = field(default_factory=list)  # rows (relative) whose logits are returned
+    tree_block: list[list[bool]] | None = None  # [q_len][q_len] visibility among the new rows; None: causal
+
+
+def _draft_depths(draft: DraftTree) -> list[int]:
+    depths = []
+    for j, parent in enumerate(draft.parents):
+        if parent >= j:
+            raise ValueError(f"draft node {j} has parent {parent}; parents must come first")
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def _tree_block(num_new: int, draft: DraftTree) -> list[list[bool]] | None:
+    """Visibility among [new tokens + draft nodes]: new tokens causal; a node sees them and its ancestors."""
+    if all(p == j - 1 for j, p in enumerate(draft.parents)):
+        return None  # a chain is plain causal
+    size = num_new + len(draft)
+    block = [[k <= j for k in range(size)] for j in range(num_new)]
+    for j, parent in enumerate(draft.parents):
+        row = list(block[num_new + parent]) if parent >= 0 else [True] * num_new + [False] * len(draft)
+        row[num_new + j] = True
+        block.append(row)
+    return block
+
+
+def request_layout(s: ScheduledRequest) -> RequestLayout:
+    """Token ids, positions and cache indices of one request's share of a step."""
+    r = s.request
+    start, num_new = r.num_computed_tokens, s.num_new_tokens
+    if num_new < 0 or start + num_new > r.num_tokens:
+        raise ValueError(f"request {r.request_id}: cannot compute tokens {start}..{start + num_new}")
+    token_ids = r.token_ids[start : start + num_new]
+    positions = list(range(start, start + num_new))
+    layout = RequestLayout(token_ids, positions, list(positions), start + num_new)
+    if not s.samples:
+        return layout
+    if num_new == 0:
+        raise ValueError(f"request {r.request_id}: a sampling step needs at least one new token")
+    layout.sample_rows = [num_new - 1]
+    draft = s.draft
+    if draft is not None and len(draft) > 0:
+        num_draft = len(draft)
+        layout.token_ids = token_ids + list(draft.token_ids)
+        layout.positions = positions + [start + num_new - 1 + d for d in _draft_depths(draft)]
+        layout.cache_indices = list(range(start, start + num_new + num_draft))
+        layout.kv_len = start + num_new + num_draft
+        layout.sample_rows += list(range(num_new, num_new + num_draft))
+        layout.tree_block = _tree_block(num_new, draft)
+    return layout
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [num_sample_rows] int64 flat rows whose logits are returned
+
+
+class ModelRunner:
+    """Owns the model weights and the KV cache tensors; turns a schedule into logits."""
+
+    def __init__(self, model_config: ModelConfig, model_dir: Path, cache_config: CacheConfig,
+                 device: str = "cpu", dtype: str = "fp32", linear_backend: str = "auto"):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        self.device = torch.device(device)
+        self.dtype_name = dtype
+        self.dtype = TORCH_DTYPES[dtype]  # torch.dtype of weights, activations and KV cache
+        self.model = LlamaModel.from_hf_dir(model_dir, model_config, device, dtype, linear_backend)
+        shape = (cache_config.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        # Zeroed, not empty: padded attention reads unused slots under a mask and needs them finite.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(model_config.num_layers)
+        ]
+
+    # ------------------------------------------------------------------ public
+
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        """Run one step; logits # [num_sample_rows, vocab] fp32 in scheduled order."""
+        inputs = self.prepare_inputs(sched)
+        if inputs.input_ids.numel() == 0:
+            empty = torch.empty(0, self.model_config.vocab_size, device=self.device)
+            return ModelOutput(logits=empty, hidden_states=empty[:, : self.model_config.hidden_size])
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches)
+        sampled = hidden.index_select(0, inputs.sample_rows)  # [num_sample_rows, hidden]
+        return ModelOutput(logits=self.model.compute_logits(sampled), hidden_states=sampled)
+
+    def copy_kv_slots(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        """Copy K/V between flat slots in every layer (compacting an accepted tree path)."""
+        if not src_slots:
+            return
+        src = torch.tensor(src_slots, dtype=torch.long, device=self.device)
+        dst = torch.tensor(dst_slots, dtype=torch.long, device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            copy_slots(k_cache, v_cache, src, dst)
+
+    # ------------------------------------------------------------------ tensor building
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        layouts = [request_layout(s) for s in sched.scheduled]
+        self._check_capacity(sched.scheduled, layouts)
+        flat_ids, flat_pos, flat_idx, req_of_token, sample_rows, cu_q = [], [], [], [], [], [0]
+        for i, lay in enumerate(layouts):
+            sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
+            flat_ids += lay.token_ids
+            flat_pos += lay.positions
+            flat_idx += lay.cache_indices
+            req_of_token += [i] * len(lay.token_ids)
+            cu_q.append(cu_q[-1] + len(lay.token_ids))
+        block_tables = self._block_tables(sched.scheduled, layouts)
+        bs = self.block_size
+        idx = torch.tensor(flat_idx, dtype=torch.long)
+        slots = block_tables.long()[torch.tensor(req_of_token, dtype=torch.long), idx // bs] * bs + idx % bs
+        tree_mask, cu_tree = self._tree_masks(layouts)
+        cu_seqlens_q = torch.tensor(cu_q, dtype=torch.int32)
+        kv_lens = torch.tensor([lay.kv_len for lay in layouts], dtype=torch.int32)
+        dev = self.device
+        to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        meta = AttentionMetadata(to(slots), to(cu_seqlens_q), to(kv_lens), to(block_tables), to(tree_mask), to(cu_tree))
+        cfg = self.model_config
+        meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
+                                   cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask)
+        return StepInputs(
+            input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(flat_pos, dtype=torch.long, device=dev),
+            attn_metadata=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+
+    def _check_capacity(self, scheduled: list[ScheduledRequest], layouts: list[RequestLayout]) -> None:
+        max_pos = self.model_config.max_position_embeddings
+        for s, lay in zip(scheduled, layouts):
+            if len(s.request.block_ids) * self.block_size < lay.kv_len:
+                raise ValueError(f"request {s.request.request_id}: {len(s.request.block_ids)} blocks "
+                                 f"cannot hold {lay.kv_len} tokens")
+            if lay.positions and max(lay.positions) >= max_pos:
+                raise ValueError(f"request {s.request.request_id}: position beyond {max_pos}")
+
+    def _block_tables(self, scheduled, layouts) -> torch.Tensor:
+        """[batch, max_blocks] int32: only the blocks each request's kv_len touches, padded with 0."""
+        needed = [-(-lay.kv_len // self.block_size) for lay in layouts]
+        width = max(needed + [1])
+        rows = [list(s.request.block_ids[:n]) + [0] * (width - n) for s, n in zip(scheduled, needed)]
+        return torch.tensor(rows, dtype=torch.int32).view(len(layouts), width)
+
+    @staticmethod
+    def _tree_masks(layouts: list[RequestLayout]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Flat concatenated tree blocks + offsets [batch + 1], or (None, None) when no request has one."""
+        if all(lay.tree_block is None for lay in layouts):
+            return None, None
+        blocks, cu = [], [0]
+        for lay in layouts:
+            if lay.tree_block is not None:
+                blocks.append(torch.tensor(lay.tree_block, dtype=torch.bool).reshape(-1))
+            cu.append(cu[-1] + (len(lay.token_ids) ** 2 if lay.tree_block is not None else 0))
+        return torch.cat(blocks), torch.tensor(cu, dtype=torch.int64)
