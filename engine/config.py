@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+SPEC_METHODS = ("none", "ngram", "jacobi")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,15 @@ class EngineConfig:
     dtype: str = "auto"
     """auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA)"""
     spec: str = "none"
-    """Server-wide speculation method (--spec)."""
+    """Server-wide speculation method (--spec); a request may pick another in its `speculative` field."""
+    num_draft_tokens: int = 5
+    """Most draft tokens a request proposes per step (--num-draft-tokens); the controller may use fewer."""
+    spec_layout: str = "ragged"
+    """ragged (EMS-SD, no padding) | padded (the vanilla baseline, for benchmarks only)."""
+    spec_adaptive: bool = True
+    """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
+    jacobi_config: str | None = None
+    """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
     cache_dir: str | None = None
     """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
     num_threads: int | None = None
@@ -116,8 +125,12 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
-        if self.spec not in ("none",):
-            raise ValueError(f"unknown speculation method {self.spec!r}")
+        if self.spec not in SPEC_METHODS:
+            raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
+        if self.spec_layout not in ("ragged", "padded"):
+            raise ValueError(f"spec_layout must be ragged or padded, not {self.spec_layout!r}")
+        if not 0 <= self.num_draft_tokens <= 64:
+            raise ValueError("num_draft_tokens must be between 0 and 64")
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":

@@ -18,11 +18,12 @@ from engine.detokenizer import OutputText
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.loader import model_name, resolve_model_dir
-from engine.sampler import Sampler
 from engine.scheduler import Scheduler
+from engine.spec.controller import CALIBRATION_ROWS
+from engine.speculation import Speculator, Verified, accepted_path_moves, unpad, verify_step
 from engine.tokenizer import Tokenizer
-from engine.types import (EngineRequest, FinishedStats, FinishReason, Request, RequestOutput, SchedulerOutput,
-                          StepStats, TokenLogprob)
+from engine.types import (DraftTree, EngineRequest, FinishedStats, FinishReason, Request, RequestOutput,
+                          SamplingParams, ScheduledRequest, SchedulerOutput, SpecRecord, StepStats, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class LLMEngine:
         self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size)
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings,
                                  config.cache.num_blocks * config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.sampler = Sampler()
+        self.spec = Speculator(config)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
+        self.spec.controller.cost_model.calibrate(self._forward_rows, self._calibration_rows())
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -68,6 +70,7 @@ class LLMEngine:
     # ------------------------------------------------------------ requests in and out
 
     def add_request(self, req: EngineRequest) -> None:
+        self.spec.check_method(req.spec.method)
         request = Request(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
                           num_prompt_tokens=len(req.prompt_token_ids), sampling=req.sampling, spec=req.spec,
                           arrival_time=req.arrival_time)
@@ -94,6 +97,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        self.spec.prepare(self.scheduler.running, self.max_model_len)
         sched = self.scheduler.schedule()
         outputs, self._pending = self._pending, []
         outputs += [self._fail(r, r.state.get("error", "request cannot be scheduled")) for r in self.scheduler.pop_failed()]
@@ -104,26 +108,44 @@ class LLMEngine:
         return outputs
 
     def _run(self, sched: SchedulerOutput, stats: StepStats) -> list[RequestOutput]:
-        sampling = [s.request for s in sched.scheduled if s.samples]
+        entries = [s for s in sched.scheduled if s.samples]
+        self._count_tokens(sched, stats)
+        real_drafts = self.spec.attach(sched)
+        model_out = self.runner.execute(sched)
+        logits = unpad(model_out.logits, entries, real_drafts) if self.spec.padded else model_out.logits
+        verified = verify_step(logits, entries, self.spec.top_k_for(entries))
+        moves = [accepted_path_moves(s, v.result) for s, v in zip(entries, verified)]
+        self.scheduler.update_after_step(sched)
+        outputs = []
+        for s, v, (src, dst) in zip(entries, verified, moves):
+            self._commit_accepted(s, v, src, dst)
+            out = self._append_tokens(s.request, v.result.token_ids, v.logprobs)
+            stats.num_generated_tokens += len(out.new_token_ids)
+            stats.spec.append(SpecRecord(self.spec.method_of(s.request), v.result.num_draft, v.result.num_accepted))
+            outputs.append(out)
+        return outputs
+
+    def _count_tokens(self, sched: SchedulerOutput, stats: StepStats) -> None:
         now = time.monotonic()
         for s in sched.scheduled:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
-            is_decode = s.request.num_computed_tokens >= s.request.num_prompt_tokens
-            if is_decode:
+            if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 stats.num_decode_tokens += s.num_new_tokens
             else:
                 stats.num_prefill_tokens += s.num_new_tokens
-        model_out = self.runner.execute(sched)
-        sampled = self.sampler.sample(model_out.logits, sampling) if sampling else None
-        self.scheduler.update_after_step(sched)
-        outputs = []
-        for i, request in enumerate(sampling):
-            logprob = sampled.logprobs[i] if sampled.logprobs else None
-            out = self._append_tokens(request, [sampled.token_ids[i]], [logprob])
-            stats.num_generated_tokens += len(out.new_token_ids)
-            outputs.append(out)
-        return outputs
+
+    def _commit_accepted(self, s: ScheduledRequest, v: Verified, src: list[int], dst: list[int]) -> None:
+        """Keep the accepted drafts' K/V (moving a tree path into place) and roll back the rest."""
+        request, result = s.request, v.result
+        if src:
+            self.runner.copy_kv_slots([self.kv.slot(request, i) for i in src],
+                                      [self.kv.slot(request, i) for i in dst])
+        request.num_computed_tokens += result.num_accepted
+        self.kv.rollback(request, request.num_computed_tokens)
+        request.spec_usage.draft_tokens += result.num_draft
+        request.spec_usage.accepted_tokens += result.num_accepted
+        self.spec.observe(s, v)
 
     def _append_tokens(self, request: Request, token_ids: list[int],
                        logprobs: list[TokenLogprob | None]) -> RequestOutput:
@@ -160,6 +182,22 @@ class LLMEngine:
             return FinishReason.LENGTH
         return None
 
+    # ------------------------------------------------------------ calibration
+
+    def _calibration_rows(self) -> tuple[int, ...]:
+        capacity = self.kv.num_free_blocks * self.kv.block_size
+        return tuple(n for n in CALIBRATION_ROWS if n <= capacity) or (1,)
+
+    def _forward_rows(self, num_rows: int) -> None:
+        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts."""
+        probe = Request("__calibration__", [0], 1, SamplingParams())
+        self.kv.allocate(probe, num_rows)
+        draft = DraftTree([0] * (num_rows - 1), list(range(-1, num_rows - 2))) if num_rows > 1 else None
+        try:
+            self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft)]))
+        finally:
+            self.kv.free(probe)
+
     # ------------------------------------------------------------ bookkeeping
 
     def _fail(self, request: Request, message: str) -> RequestOutput:
@@ -179,7 +217,8 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             queue_time=(scheduled if scheduled is not None else now) - request.arrival_time,
             ttft=None if request.first_token_time is None else request.first_token_time - request.arrival_time,
-            e2e_latency=now - request.arrival_time))
+            e2e_latency=now - request.arrival_time, method=self.spec.method_of(request),
+            spec=replace(request.spec_usage)))
         return RequestOutput(request.request_id, new_ids, new_text, request.num_prompt_tokens,
                              request.num_output_tokens, new_logprobs, finish_reason=reason,
                              spec=replace(request.spec_usage))
@@ -189,6 +228,7 @@ class LLMEngine:
         stats.num_running = self.scheduler.num_running
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_cache_usage = self.kv.usage
-        stats.method = self.config.spec
+        if stats.num_prefill_tokens == 0 and stats.spec:
+            stats.speedup = self.spec.controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
         stats.finished, self._pending_finished = self._pending_finished, []
         self.last_stats = stats

@@ -4,6 +4,15 @@ The engine never touches prometheus_client; it fills a StepStats per step and th
 thread hands it to `PrometheusExporter.observe_step`. This module imports no torch.
 
 Useful PromQL (the Grafana dashboard uses these):
+  acceptance rate:         sum by (method) (rate(specd_spec_accepted_tokens_total[1m]))
+                             / sum by (method) (rate(specd_spec_draft_tokens_total[1m]))
+  mean acceptance length:  (sum by (method) (rate(specd_spec_accepted_tokens_total[1m]))
+                             + sum by (method) (rate(specd_spec_verify_steps_total[1m])))
+                             / sum by (method) (rate(specd_spec_verify_steps_total[1m]))
+                           (tokens emitted per request-step, the bonus token included)
+  acceptance by position:  rate(specd_spec_accepted_tokens_per_pos_total[1m])
+                             / ignoring(position) group_left sum by (method, batch_size) (rate(specd_spec_drafts_total[1m]))
+  live speedup:            specd_spec_speedup
   throughput (tok/s):      rate(specd_generation_tokens_total[1m])
   TTFT p99:                histogram_quantile(0.99, rate(specd_time_to_first_token_seconds_bucket[5m]))
   queue saturation:        specd_requests_waiting
@@ -59,6 +68,25 @@ class PrometheusExporter:
         self.batch_size = Histogram("specd_batch_size", "Requests per engine step",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.steps = Counter("specd_steps", "Engine steps", registry=r)
+        self._define_spec_metrics()
+
+    def _define_spec_metrics(self) -> None:
+        r, labels = self.registry, ["method", "batch_size"]
+        self.spec_steps = Counter("specd_spec_verify_steps", "Request-steps that emitted tokens, by method",
+                                  labels, registry=r)
+        self.spec_drafts = Counter("specd_spec_drafts", "Request-steps that verified at least one draft",
+                                   labels, registry=r)
+        self.spec_draft_tokens = Counter("specd_spec_draft_tokens", "Draft tokens verified", labels, registry=r)
+        self.spec_accepted = Counter("specd_spec_accepted_tokens", "Draft tokens accepted", labels, registry=r)
+        self.spec_accepted_pos = Counter("specd_spec_accepted_tokens_per_pos",
+                                         "Accepted drafts by position in the draft (1 = first)",
+                                         labels + ["position"], registry=r)
+        self.spec_acceptance_length = Histogram(
+            "specd_spec_request_acceptance_length", "Per finished request: tokens emitted per step",
+            ["method"], buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0), registry=r)
+        self.spec_speedup = Gauge("specd_spec_speedup",
+                                  "Tokens/s of the last decode step over plain decoding at that batch size",
+                                  labels, registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
         self.running.set(stats.num_running)
@@ -74,12 +102,30 @@ class PrometheusExporter:
         self.generation_tokens.inc(stats.num_generated_tokens)
         if stats.num_preemptions:
             self.preemptions.inc(stats.num_preemptions)
+        self._observe_spec(stats)
+
+    def _observe_spec(self, stats: StepStats) -> None:
+        bucket = batch_size_bucket(stats.batch_size)
+        for rec in stats.spec:
+            self.spec_steps.labels(rec.method, bucket).inc()
+            if rec.num_draft == 0:
+                continue
+            self.spec_drafts.labels(rec.method, bucket).inc()
+            self.spec_draft_tokens.labels(rec.method, bucket).inc(rec.num_draft)
+            self.spec_accepted.labels(rec.method, bucket).inc(rec.num_accepted)
+            for position in range(1, rec.num_accepted + 1):
+                self.spec_accepted_pos.labels(rec.method, bucket, str(position)).inc()
+        if stats.speedup is not None and stats.spec:
+            methods = {rec.method for rec in stats.spec}
+            self.spec_speedup.labels(methods.pop() if len(methods) == 1 else "mixed", bucket).set(stats.speedup)
 
     def _observe_finished(self, stats: StepStats) -> None:
         for f in stats.finished:
             self.finished.labels(finish_reason=f.finish_reason.value).inc()
             self.e2e.observe(f.e2e_latency)
             self.queue_time.observe(f.queue_time)
+            if f.spec.steps:
+                self.spec_acceptance_length.labels(f.method).observe(f.spec.mean_acceptance_length)
             if f.ttft is not None:
                 self.ttft.observe(f.ttft)
                 if f.num_output_tokens > 1:

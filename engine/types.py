@@ -232,6 +232,15 @@ class RequestOutput:
 
 
 @dataclass
+class SpecRecord:
+    """One request's verification in a step (num_draft 0: it decoded plainly)."""
+
+    method: str
+    num_draft: int
+    num_accepted: int
+
+
+@dataclass
 class StepStats:
     """What one engine step did; the metrics exporter maps it to Prometheus."""
 
@@ -244,9 +253,9 @@ class StepStats:
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     kv_cache_usage: float = 0.0
-    method: str = "none"
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
+    spec: list[SpecRecord] = field(default_factory=list)
+    speedup: float | None = None
+    """Tokens/s of this decode-only step over what plain decoding gives at this batch size (calibrated)."""
     finished: list["FinishedStats"] = field(default_factory=list)
 
 
@@ -260,3 +269,5 @@ class FinishedStats:
     queue_time: float
     ttft: float | None
     e2e_latency: float
+    method: str = "none"
+    spec: SpecUsage = field(default_factory=SpecUsage)

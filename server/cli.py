@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from engine.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import DEFAULT_MODEL, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
 
 log = logging.getLogger("specd")
 
@@ -31,7 +31,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond which new ones get 429")
     p.add_argument("--kv-cache-tokens", type=int, default=d_cache.num_tokens)
     p.add_argument("--block-size", type=int, default=d_cache.block_size)
-    p.add_argument("--spec", default="none", help="speculation method (none)")
+    p.add_argument("--spec", default="none", choices=list(SPEC_METHODS),
+                   help="speculation method for requests that don't pick one")
+    p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
+                   help="most drafts per request per step (the cost controller may use fewer)")
+    p.add_argument("--spec-layout", default="ragged", choices=["ragged", "padded"],
+                   help="padded = the vanilla baseline, for benchmarks")
+    p.add_argument("--no-spec-adaptive", action="store_true",
+                   help="verify every proposed draft instead of letting measured costs cut them")
+    p.add_argument("--jacobi-config", default=None, help="YAML with the TR-Jacobi tree shape")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="where the default model is cached")
     p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
@@ -54,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, spec=args.spec, cache_dir=args.cache_dir,
-        num_threads=args.num_threads,
+        num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
+        spec_adaptive=not args.no_spec_adaptive, jacobi_config=args.jacobi_config,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),

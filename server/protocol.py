@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
+from engine.config import SPEC_METHODS
+
 MAX_SEQUENCES = 128
 """Most sequences (prompts x best_of) one call may ask for."""
 MAX_STOP = 16
@@ -37,6 +39,13 @@ class StreamOptions(_Strict):
 class SpeculativeOptions(_Strict):
     method: str | None = None
     num_draft_tokens: int | None = Field(None, ge=0, le=64)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str | None) -> str | None:
+        if v is not None and v not in SPEC_METHODS:
+            raise ValueError(f"unknown method {v!r}; choose from {', '.join(SPEC_METHODS)}")
+        return v
 
 
 class _SamplingRequest(_Strict):

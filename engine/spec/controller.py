@@ -1,0 +1,126 @@
+"""How many drafts each request verifies this step: measured step costs x measured acceptance.
+
+On a GPU a verify step over 8x the rows costs about what a decode step costs, so speculation is
+nearly free; on a 2-core CPU a forward over 2-16 rows costs ~1.3-2x one row (PLATFORM.md), so a
+draft only pays when it is likely to be accepted. The controller therefore
+- calibrates the step time by number of token rows at start-up (`StepCostModel`),
+- keeps, per request, the acceptance probability of one more draft: alpha = accepted / (accepted +
+  rejections), the maximum-likelihood estimate of a geometric acceptance run, started from the
+  method's running average so a new request is not judged blind,
+- plans the step: the j-th draft of request i is accepted with probability alpha_i^j; over all
+  proposed drafts, sorted by that gain, it keeps the prefix D that maximises the expected tokens per
+  second (B + G(D)) / cost(R + D), where B is the number of decoding requests, G(D) the summed
+  gains and R the step's rows without drafts. D = 0 (no speculation at all) is one of the options.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from engine.types import Request
+
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate
+
+
+class StepCostModel:
+    """Seconds per step by number of token rows; piecewise-linear between calibrated points."""
+
+    def __init__(self, points: dict[int, float] | None = None):
+        self.points = dict(points or {1: 1.0, 128: 1.0})  # flat until calibrated: rows look free
+
+    def calibrate(self, run_rows: Callable[[int], None], rows=CALIBRATION_ROWS, repeats: int = 3) -> None:
+        """Time `run_rows(n)` (one forward over n rows) and keep the fastest of `repeats` per n."""
+        run_rows(rows[0])  # warm-up: first-touch allocations are not the steady state
+        points = {}
+        for n in rows:
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run_rows(n)
+                best = min(best, time.perf_counter() - start)
+            points[n] = best
+        # A cost curve is non-decreasing in rows; timing noise must not make more rows look cheaper.
+        running = 0.0
+        for n in sorted(points):
+            running = max(running, points[n])
+            points[n] = running
+        self.points = points
+
+    def cost(self, num_rows: int) -> float:
+        xs = sorted(self.points)
+        if num_rows <= xs[0]:
+            return self.points[xs[0]]
+        if num_rows >= xs[-1]:
+            if len(xs) == 1:
+                return self.points[xs[0]]
+            x0, x1 = xs[-2], xs[-1]
+            slope = (self.points[x1] - self.points[x0]) / (x1 - x0)
+            return self.points[x1] + slope * (num_rows - x1)
+        i = bisect.bisect_left(xs, num_rows)
+        x0, x1 = xs[i - 1], xs[i]
+        t = (num_rows - x0) / (x1 - x0)
+        return self.points[x0] + t * (self.points[x1] - self.points[x0])
+
+
+@dataclass
+class AcceptanceStats:
+    """Accepted drafts and rejections (a step that stopped before its last draft) of one method."""
+
+    accepted: float = 0.0
+    rejections: float = 0.0
+
+    def alpha(self, prior: float = 0.5) -> float:
+        return (self.accepted + PRIOR_WEIGHT * prior) / (self.accepted + self.rejections + PRIOR_WEIGHT)
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        self.accepted += num_accepted
+        self.rejections += 1 if num_accepted < num_draft else 0
+
+
+class DraftController:
+    def __init__(self, cost_model: StepCostModel | None = None, adaptive: bool = True):
+        self.cost_model = cost_model or StepCostModel()
+        self.adaptive = adaptive
+        """False: always verify every proposed draft (for measuring, and for tests)."""
+        self.method_stats: dict[str, AcceptanceStats] = {}
+
+    def alpha(self, request: Request, method: str) -> float:
+        prior = self.method_stats.setdefault(method, AcceptanceStats()).alpha()
+        stats: AcceptanceStats | None = request.state.get("acceptance")
+        return stats.alpha(prior) if stats is not None else prior
+
+    def record(self, request: Request, method: str, num_draft: int, num_accepted: int) -> None:
+        if num_draft == 0:
+            return
+        request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
+        self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
+
+    def plan(self, proposals: dict[str, tuple[Request, str, list[int]]], num_base_rows: int) -> dict[str, int]:
+        """request_id -> drafts to keep; proposals hold (request, method, depth of each draft node)."""
+        if not self.adaptive:
+            return {rid: len(depths) for rid, (_, _, depths) in proposals.items()}
+        gains = []  # (gain, request_id)
+        for rid, (request, method, depths) in proposals.items():
+            alpha = self.alpha(request, method)
+            gains += [(alpha ** depth, rid) for depth in depths]
+        gains.sort(key=lambda g: -g[0])
+        best_count, best_rate, total_gain = 0, num_base_rows / self.cost_model.cost(num_base_rows), 0.0
+        for count, (gain, _) in enumerate(gains, start=1):
+            total_gain += gain
+            rate = (num_base_rows + total_gain) / self.cost_model.cost(num_base_rows + count)
+            if rate > best_rate:
+                best_count, best_rate = count, rate
+        keep: dict[str, int] = {}
+        for _, rid in gains[:best_count]:
+            keep[rid] = keep.get(rid, 0) + 1
+        return keep
+
+    def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float) -> float | None:
+        """Tokens/s this step / tokens/s a plain decode step of the same batch would give (calibrated)."""
+        if num_decode_requests == 0 or step_time <= 0:
+            return None
+        plain_rate = num_decode_requests / self.cost_model.cost(num_decode_requests)
+        return (num_emitted / step_time) / plain_rate
