@@ -1,0 +1,125 @@
+"""Lossless greedy speculation on the real default model: every drafter == `--spec none`, token for token.
+
+20 prompts (Spec-Bench categories, code rewrites, long-context summaries), each method alone and in
+a mixed batch of 8 requests with different methods and lengths. The cost controller is off
+(spec_adaptive=False) so every proposed draft is really verified. A token may differ only at a
+near-tie of the reference (top-2 logprob gap < NEAR_TIE), as in the batching test.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.types import EngineRequest, SamplingParams, SpecParams
+
+NEAR_TIE = 1e-3
+MAX_TOKENS = 32
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench_prompts_first_turn.jsonl"
+METHODS = ("ngram", "jacobi")
+
+
+def code_prompts() -> list[str]:
+    import json as json_mod
+    import textwrap as textwrap_mod
+
+    sources = [inspect.getsource(textwrap_mod.indent), inspect.getsource(textwrap_mod.dedent)[:1500],
+               inspect.getsource(json_mod.dump)[:1500], inspect.getsource(textwrap_mod.shorten)]
+    return [f"Rewrite this Python function with type hints, keeping its behaviour:\n\n{src}" for src in sources]
+
+
+def spec_bench_prompts() -> tuple[list[str], list[str]]:
+    """Two short prompts per category, and four long-context summarization prompts."""
+    if not DATA.exists():
+        pytest.skip("Spec-Bench data not found beside the repository")
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    short, seen = [], {}
+    for row in rows:
+        if seen.get(row["category"], 0) < 1 and len(row["prompt"]) < 1200:
+            seen[row["category"]] = seen.get(row["category"], 0) + 1
+            short.append(row["prompt"])
+    summaries = sorted((r["prompt"] for r in rows if r["category"] == "summarization"), key=len)
+    long_ctx = [p for p in summaries if 2000 < len(p) < 5000][:4]
+    return short[:12], long_ctx
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    from engine.config import CacheConfig, EngineConfig
+    from engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(default_model_dir), spec="none", spec_adaptive=False,
+                                  cache=CacheConfig(num_tokens=32768)))
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    short, long_ctx = spec_bench_prompts()
+    texts = short + code_prompts() + long_ctx
+    assert len(texts) >= 20, len(texts)
+    return [engine.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts[:20]]
+
+
+def run(engine, requests: list[EngineRequest]) -> dict[str, dict]:
+    """Run to completion; per request: tokens, logprobs (if asked), spec usage."""
+    results = {r.request_id: {"tokens": [], "logprobs": [], "spec": None} for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            res = results[out.request_id]
+            res["tokens"] += out.new_token_ids
+            res["logprobs"] += out.new_logprobs or []
+            res["spec"] = out.spec
+    assert engine.kv.usage == 0.0, "KV blocks leaked"
+    return results
+
+
+def request(rid: str, prompt: list[int], method: str, max_tokens: int = MAX_TOKENS, logprobs=None) -> EngineRequest:
+    return EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs),
+                         SpecParams(method=method))
+
+
+@pytest.fixture(scope="module")
+def reference(engine, prompts) -> list[dict]:
+    return [run(engine, [request(f"ref{i}", p, "none", logprobs=2)])[f"ref{i}"] for i, p in enumerate(prompts)]
+
+
+def assert_lossless(ref: dict, got: list[int], label: str) -> None:
+    n = min(len(ref["tokens"]), len(got))
+    for i in range(n):
+        if ref["tokens"][i] != got[i]:
+            top = ref["logprobs"][i].top
+            gap = top[0][1] - top[1][1]
+            assert gap < NEAR_TIE, f"{label}: token {i} differs ({got[i]} vs {ref['tokens'][i]}), top-2 gap {gap:.2e}"
+            return
+    assert got == ref["tokens"][:len(got)] and len(got) == len(ref["tokens"]), f"{label}: lengths differ"
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_alone_equals_none(engine, prompts, reference, method):
+    total_draft = total_accepted = 0
+    for i, prompt in enumerate(prompts):
+        got = run(engine, [request(f"{method}{i}", prompt, method)])[f"{method}{i}"]
+        assert_lossless(reference[i], got["tokens"], f"{method} prompt {i}")
+        total_draft += got["spec"].draft_tokens
+        total_accepted += got["spec"].accepted_tokens
+    assert total_draft > 0 and total_accepted > 0, f"{method} never drafted or never accepted"
+
+
+@pytest.mark.real_model
+def test_mixed_batch_of_8_equals_none(engine, prompts, reference):
+    methods = ["none", "ngram", "jacobi"]
+    picks = [0, 3, 6, 9, 12, 14, 16, 19]
+    batch = [request(f"mix{i}", prompts[i], methods[k % 3], max_tokens=MAX_TOKENS - 4 * (k % 3))
+             for k, i in enumerate(picks)]
+    results = run(engine, batch)
+    for k, i in enumerate(picks):
+        got = results[f"mix{i}"]["tokens"]
+        assert len(got) == MAX_TOKENS - 4 * (k % 3) or got[-1] in engine.eos_token_ids
+        ref = dict(reference[i], tokens=reference[i]["tokens"][:len(got)])
+        assert_lossless(ref, got, f"mixed batch, prompt {i} ({methods[k % 3]})")
