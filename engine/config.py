@@ -84,8 +84,10 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     """Most requests running at once (--max-num-seqs)."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one step; longer prompts are prefilled in chunks (--max-num-batched-tokens)."""
+    max_num_batched_tokens: int = 256
+    """Token budget of one step; longer prompts are prefilled in chunks (--max-num-batched-tokens).
+    On a 2-core CPU a 256-token chunk of the default model costs ~0.5 s (1.9 ms/token, cheaper per
+    token than 512's 2.3 ms), so decoding requests sharing a step with a prefill stall at most that."""
     max_model_len: int = 8192
     """Prompt + output tokens of one request (the context window)."""
     max_queue: int = 256
