@@ -7,6 +7,9 @@ several rows of one request, each row with its own params and its own output his
     probs  = probs_from_logits(logits, rows_params)                          # temperature, top-k, top-p
     tokens = sample_from_probs(probs, generators)                            # per-row torch.Generator
 
+The engine calls these through engine/speculation.py's `verify_step` only: a request without
+drafts is a zero-node draft tree, so plain decoding and speculation share one code path.
+
 Sampling is inverse-CDF with one uniform per row drawn from that row's generator: an exact sample
 of p up to float rounding, and on CPU far cheaper than the exponential race (argmax p / E), which
 needs a whole Exp(1) noise vector per row. A request's generator lives in
@@ -20,7 +23,6 @@ model thinks, and stay comparable across requests with different sampling settin
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -31,39 +33,6 @@ _SEED_SOURCE = random.SystemRandom()
 MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5
 _CDF_BLOCK = 256
-
-
-@dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
-
-
-class Sampler:
-    """Samples one token per logits row; row i belongs to requests[i]."""
-
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
-        # logits: [num_rows, vocab_size] fp32
-        params = [r.sampling for r in requests]
-        if all(p.greedy for p in params) and not any(_needs_processing(p) for p in params):
-            token_ids = logits.argmax(dim=-1).tolist()  # the common case: a single argmax
-        else:
-            token_ids = self._sample_rows(logits, requests, params)
-        return SamplerOutput(token_ids, compute_logprobs(logits, params, token_ids))
-
-    @staticmethod
-    def _sample_rows(logits, requests, params) -> list[int]:
-        processed = apply_logit_processors(logits, params, [r.output_token_ids for r in requests])
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        generators = [get_generator(requests[i]) for i in sampled]
-        if len(sampled) == len(params):  # no greedy rows: skip the argmax and the row gather
-            return sample_from_probs(probs_from_logits(processed, params), generators).tolist()
-        token_ids = processed.argmax(dim=-1)
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            probs = probs_from_logits(processed[rows], [params[i] for i in sampled])
-            token_ids[rows] = sample_from_probs(probs, generators)
-        return token_ids.tolist()
 
 
 # ---------------------------------------------------------------- generators

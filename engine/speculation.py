@@ -117,7 +117,7 @@ class Speculator:
         self.default_method = config.spec
         self.num_draft_tokens = config.num_draft_tokens
         self.padded = config.spec_layout == "padded"
-        self.controller = DraftController(adaptive=config.spec_adaptive and not self.padded)
+        self.controller = DraftController(adaptive=config.spec_adaptive)
         self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
         self.proposers.update(_optional_proposers(config))
         self._proposals: dict[str, DraftTree] = {}

@@ -2,18 +2,28 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine.sampler import (
-    Sampler,
     apply_logit_processors,
     get_generator,
     probs_from_logits,
     sample_from_probs,
 )
-from engine.types import Request, SamplingParams
+from engine.speculation import verify_step
+from engine.types import Request, SamplingParams, ScheduledRequest
+
+
+class Sampler:
+    """The engine's plain sampling path: verification of requests that carry no drafts."""
+
+    def sample(self, logits, requests):
+        verified = verify_step(logits, [ScheduledRequest(r, 1) for r in requests], {})
+        return SimpleNamespace(token_ids=[v.result.token_ids[0] for v in verified],
+                               logprobs=[v.logprobs[0] for v in verified])
 
 
 def make_request(rid="r", output=(), prompt=(1, 2, 3), **sampling) -> Request:
