@@ -229,6 +229,8 @@ class LLMEngine:
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_cache_usage = self.kv.usage
         if stats.num_prefill_tokens == 0 and stats.spec:
-            stats.speedup = self.spec.controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
+            controller = self.spec.controller
+            stats.speedup = controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
+            controller.cost_model.observe(stats.num_decode_tokens + sum(r.num_draft for r in stats.spec), step_time)
         stats.finished, self._pending_finished = self._pending_finished, []
         self.last_stats = stats

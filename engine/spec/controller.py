@@ -3,7 +3,9 @@
 On a GPU a verify step over 8x the rows costs about what a decode step costs, so speculation is
 nearly free; on a 2-core CPU a forward over 2-16 rows costs ~1.3-2x one row (PLATFORM.md), so a
 draft only pays when it is likely to be accepted. The controller therefore
-- calibrates the step time by number of token rows at start-up (`StepCostModel`),
+- calibrates the step time by number of token rows at start-up (`StepCostModel`) and keeps
+  learning it from every decode step (a start-up measurement disturbed by a noisy neighbour
+  must not switch speculation off for the server's lifetime),
 - keeps, per request, the acceptance probability of one more draft: alpha = accepted / (accepted +
   rejections), the maximum-likelihood estimate of a geometric acceptance run, started from the
   method's running average so a new request is not judged blind,
@@ -22,7 +24,8 @@ from typing import Callable
 from engine.types import Request
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
-PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate
+PRIOR_WEIGHT = 2.0
+ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve  # pseudo-observations of the method's average behind each request's estimate
 
 
 class StepCostModel:
@@ -42,12 +45,32 @@ class StepCostModel:
                 run_rows(n)
                 best = min(best, time.perf_counter() - start)
             points[n] = best
-        # A cost curve is non-decreasing in rows; timing noise must not make more rows look cheaper.
-        running = 0.0
-        for n in sorted(points):
-            running = max(running, points[n])
-            points[n] = running
         self.points = points
+        self._make_monotonic()
+
+    def observe(self, num_rows: int, seconds: float, rate: float = ONLINE_RATE) -> None:
+        """Move the curve toward a measured step: the error is shared by the two neighbouring
+        points in proportion to their interpolation weights (online least squares)."""
+        xs = sorted(self.points)
+        error = seconds - self.cost(num_rows)
+        if num_rows <= xs[0] or num_rows >= xs[-1]:
+            end = xs[0] if num_rows <= xs[0] else xs[-1]
+            self.points[end] += rate * error
+        else:
+            i = bisect.bisect_left(xs, num_rows)
+            x0, x1 = xs[i - 1], xs[i]
+            w = (num_rows - x0) / (x1 - x0)
+            self.points[x0] += rate * (1 - w) * error
+            self.points[x1] += rate * w * error
+        self._make_monotonic()
+
+    def _make_monotonic(self) -> None:
+        # A cost curve is non-decreasing in rows. Timing noise only ever slows a step, so a point
+        # above a later one is a spike: lower it (the lower envelope) rather than raise the rest.
+        running = float("inf")
+        for n in sorted(self.points, reverse=True):
+            running = min(running, self.points[n])
+            self.points[n] = running
 
     def cost(self, num_rows: int) -> float:
         xs = sorted(self.points)
