@@ -8,7 +8,10 @@ draft only pays when it is likely to be accepted. The controller therefore
   must not switch speculation off for the server's lifetime),
 - keeps, per request, the acceptance probability of one more draft: alpha = accepted / (accepted +
   rejections), the maximum-likelihood estimate of a geometric acceptance run, started from the
-  method's running average so a new request is not judged blind,
+  method's running average; a request with no record of its own, or one that has not verified a
+  draft for EXPLORE_AFTER steps, is judged at least EXPLORE_ALPHA, so one bad category earlier in
+  the server's life (creative writing for prompt lookup) cannot stop a translation request from
+  ever finding out that its drafts are accepted,
 - plans the step: the j-th draft of request i is accepted with probability alpha_i^j; over all
   proposed drafts, sorted by that gain, it keeps the prefix D that maximises the expected tokens per
   second (B + G(D)) / cost(R + D), where B is the number of decoding requests, G(D) the summed
@@ -25,7 +28,9 @@ from engine.types import Request
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 PRIOR_WEIGHT = 2.0
-ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve  # pseudo-observations of the method's average behind each request's estimate
+ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
+EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
+EXPLORE_AFTER = 8  # a request offered drafts this many steps running without verifying any retries once  # pseudo-observations of the method's average behind each request's estimate
 
 
 class StepCostModel:
@@ -113,7 +118,9 @@ class DraftController:
     def alpha(self, request: Request, method: str) -> float:
         prior = self.method_stats.setdefault(method, AcceptanceStats()).alpha()
         stats: AcceptanceStats | None = request.state.get("acceptance")
-        return stats.alpha(prior) if stats is not None else prior
+        if stats is None or request.state.get("draft_idle_steps", 0) >= EXPLORE_AFTER:
+            return max(EXPLORE_ALPHA, stats.alpha(prior) if stats is not None else prior)
+        return stats.alpha(prior)
 
     def record(self, request: Request, method: str, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
@@ -139,6 +146,8 @@ class DraftController:
         keep: dict[str, int] = {}
         for _, rid in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
+        for rid, (request, _, _) in proposals.items():
+            request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1
         return keep
 
     def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float) -> float | None:

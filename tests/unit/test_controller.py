@@ -97,3 +97,22 @@ def test_speedup_compares_with_plain_decoding_at_the_same_batch():
     controller = DraftController(StepCostModel({1: 0.04, 128: 1.0}))
     assert controller.speedup(1, 3, 0.06) == pytest.approx((3 / 0.06) / (1 / 0.04))
     assert controller.speedup(0, 0, 0.1) is None
+
+
+def test_a_request_explores_despite_a_poor_method_record():
+    controller = DraftController(StepCostModel(CPU_LIKE))
+    for i in range(30):  # an earlier category where this method never worked
+        controller.record(make_request(f"old{i}"), "ngram", 5, 0)
+    fresh = make_request("fresh")
+    assert controller.plan({"fresh": (fresh, "ngram", [1, 2, 3])}, num_base_rows=1).get("fresh", 0) > 0
+
+
+def test_a_request_that_stopped_drafting_retries_after_a_while():
+    controller = DraftController(StepCostModel(CPU_LIKE))
+    request = make_request("r")
+    for _ in range(10):
+        controller.record(request, "ngram", 5, 0)
+    offer = {"r": (request, "ngram", [1, 2, 3])}
+    plans = [controller.plan(offer, num_base_rows=1).get("r", 0) for _ in range(20)]
+    assert plans[0] == 0 and any(plans), plans
+    assert sum(1 for k in plans if k) <= 3, "exploration must stay rare"
