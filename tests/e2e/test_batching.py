@@ -15,17 +15,10 @@ import httpx
 import pytest
 
 NEAR_TIE = 1e-3
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench_prompts_first_turn.jsonl"
-FALLBACK_PROMPTS = [
-    "Write a short poem about the ocean.", "Explain recursion to a child.", "List three uses of Python.",
-    "Translate 'good morning' into French and German.", "What is 17 times 23? Show your steps.",
-    "Summarize the plot of Romeo and Juliet.", "def quicksort(arr):", "Give me a recipe for pancakes.",
-]
+DATA = Path(__file__).resolve().parents[1] / "data" / "spec_bench_excerpt.jsonl"
 
 
 def spec_bench_prompts(count: int) -> list[str]:
-    if not DATA.exists():
-        return (FALLBACK_PROMPTS * 3)[:count]
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     picked, seen = [], {}
     for row in rows:  # a spread over categories, shortest first within each to keep the test quick
