@@ -56,7 +56,13 @@ def attach_drafts(sched: SchedulerOutput, proposals: dict[str, DraftTree]) -> No
 
 
 def _row_histories(request: Request, tree: DraftTree | None) -> list[list[int]]:
-    """Output tokens each row was conditioned on (penalties count drafts on the path as output)."""
+    """Output tokens each row was conditioned on (penalties count drafts on the path as output).
+
+    Only penalties read them, so requests without penalties skip copying their output every step.
+    """
+    num_rows = 1 + (len(tree) if tree is not None else 0)
+    if not (request.sampling.presence_penalty or request.sampling.frequency_penalty):
+        return [[]] * num_rows
     output = request.output_token_ids
     if tree is None:
         return [output]

@@ -157,6 +157,19 @@ def test_mixed_methods_and_zero_draft_requests_in_one_batch_equal_solo(engine, p
     assert engine.kv.usage == 0
 
 
+def test_penalties_see_accepted_drafts_as_history(engine, prompts):
+    # A draft row's penalties must count the drafts before it on its path, as plain decoding would
+    # count them once generated; otherwise the penalised argmax differs and output diverges.
+    sampling = greedy(max_tokens=24, frequency_penalty=0.7, presence_penalty=0.3)
+    for method in ("ngram", "jacobi"):
+        spec_total = 0
+        for i, (prompt, _) in enumerate(prompts):
+            got = run(engine, [request(f"pen-{method}-{i}", prompt, sampling, method)])[f"pen-{method}-{i}"]
+            assert_same(got, solo(engine, prompt, sampling), f"{method} with penalties, prompt {i}")
+            spec_total += got.spec.accepted_tokens
+        assert spec_total > 0, f"{method} accepted no draft, so the penalised draft rows were never tested"
+
+
 def test_drafts_never_cross_max_tokens(engine, prompts):
     batch = []
     for max_tokens in (1, 2, 3, 4, 7):
