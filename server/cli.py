@@ -13,6 +13,7 @@ import os
 import sys
 
 from engine.config import DEFAULT_MODEL, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
+from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
 
 log = logging.getLogger("specd")
 
@@ -48,6 +49,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=list(LOG_FORMATS),
+                   help="json: one JSON object per line, for log shippers")
+    p.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between engine log lines (throughput, queue, acceptance, speedup); 0 = off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +108,8 @@ def serve(args: argparse.Namespace) -> int:
         # The model cannot load: stop uvicorn (gracefully) and exit 1 below.
         server.should_exit = True
 
-    client = EngineClient(make_engine_factory(config), exporter=make_exporter(), on_load_error=on_load_error)
+    client = EngineClient(make_engine_factory(config), exporter=make_exporter(), on_load_error=on_load_error,
+                          stats_logger=EngineStatsLogger(interval=args.log_interval))
     app = build_app(client, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                     drain_timeout=args.drain_timeout)
 
@@ -112,7 +118,8 @@ def serve(args: argparse.Namespace) -> int:
             client.begin_drain()  # requests arriving from now on get 503 while in-flight ones finish
             super().handle_exit(sig, frame)
 
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    # log_config=None: uvicorn's records go through the handler configure_logging installed (text or json)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                                timeout_graceful_shutdown=int(args.drain_timeout), access_log=False)
     server = Server(uv_config)
     server.run()
@@ -132,8 +139,7 @@ def download_default(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return serve(args)
     return download_default(args)

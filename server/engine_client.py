@@ -9,6 +9,9 @@ Backpressure: `submit()` refuses (QueueFullError -> 429) when the engine's waiti
 the adds not yet handed to it reach `max_queue`. max_queue is read from the engine's
 `config.scheduler.max_queue` once it is built, unless given to the constructor.
 
+Logs: the engine thread feeds a RequestLogger (one line per finished request) and an
+EngineStatsLogger (a periodic engine line); see server/logs.py.
+
 Failure: if step() raises, every request the engine holds gets a final ERROR output (an accepted
 request is never left hanging), the engine is told to abort them, and the thread keeps serving.
 """
@@ -22,6 +25,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from engine.types import EngineRequest, FinishReason, RequestOutput
+from server.logs import EngineStatsLogger, RequestLogger
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +88,12 @@ class RequestGroup:
 
 class EngineClient:
     def __init__(self, engine_factory: Callable[[], Any], exporter: Any = None,
-                 max_queue: int | None = None, on_load_error: Callable[[BaseException], None] | None = None):
+                 max_queue: int | None = None, on_load_error: Callable[[BaseException], None] | None = None,
+                 request_logger: RequestLogger | None = None, stats_logger: EngineStatsLogger | None = None):
         self._factory = engine_factory
         self.exporter = exporter
+        self.request_logger = request_logger or RequestLogger()
+        self.stats_logger = stats_logger or EngineStatsLogger()
         self._max_queue = max_queue
         self._on_load_error = on_load_error
         self.engine: Any = None
@@ -226,6 +233,7 @@ class EngineClient:
             self._drain_commands(block=not self.engine.has_unfinished_requests())
             if self.engine.has_unfinished_requests():
                 self._step()
+            self.stats_logger.maybe_log()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -245,6 +253,8 @@ class EngineClient:
             try:
                 self.engine.add_request(arg)
                 self._live.add(arg.request_id)
+                config = getattr(self.engine, "config", None)
+                self.request_logger.on_add(arg, getattr(config, "spec", None) or "none")
             except Exception as exc:  # noqa: BLE001 - QueueFullError or a bad request: tell its owner
                 self._send(arg.request_id, exc)
             finally:
@@ -268,6 +278,7 @@ class EngineClient:
         for out in outputs:
             if out.finished:
                 self._live.discard(out.request_id)
+            self.request_logger.on_output(out)
             self._send(out.request_id, out)
         with self._lock:
             self._num_waiting = self.engine.num_waiting
@@ -275,11 +286,14 @@ class EngineClient:
 
     def _observe(self) -> None:
         stats = getattr(self.engine, "last_stats", None)
-        if self.exporter is not None and stats is not None:
-            try:
+        if stats is None:
+            return
+        try:
+            if self.exporter is not None:
                 self.exporter.observe_step(stats)
-            except Exception:  # noqa: BLE001 - metrics never break serving
-                log.exception("observe_step failed")
+            self.stats_logger.observe(stats)
+        except Exception:  # noqa: BLE001 - metrics never break serving
+            log.exception("observing step stats failed")
 
     def _fail_all(self, message: str) -> None:
         for request_id in sorted(self._live):
@@ -287,9 +301,10 @@ class EngineClient:
                 self.engine.abort_request(request_id)
             except Exception:  # noqa: BLE001
                 log.exception("abort of %s after a failed step also failed", request_id)
-            self._send(request_id, RequestOutput(
-                request_id=request_id, new_token_ids=[], new_text="", num_prompt_tokens=0,
-                num_output_tokens=0, finish_reason=FinishReason.ERROR, error=message))
+            out = RequestOutput(request_id=request_id, new_token_ids=[], new_text="", num_prompt_tokens=0,
+                                num_output_tokens=0, finish_reason=FinishReason.ERROR, error=message)
+            self.request_logger.on_output(out)
+            self._send(request_id, out)
         self._live.clear()
         self._drop_engine_outputs()
 
