@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-SPEC_METHODS = ("none", "ngram", "jacobi")
+SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
+PASS_MODES = ("fused", "two_call")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class EngineConfig:
     """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
     jacobi_config: str | None = None
     """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
+    pass_artifact: str | None = None
+    """PaSS look-ahead embeddings (default: artifacts/pass/<model name>.safetensors when present)."""
+    pass_mode: str = "fused"
+    """fused (look-ahead rows ride in the verify pass) | two_call (the paper's draft, then verify)."""
     cache_dir: str | None = None
     """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
     num_threads: int | None = None
@@ -132,6 +137,10 @@ class EngineConfig:
             raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
         if self.spec_layout not in ("ragged", "padded"):
             raise ValueError(f"spec_layout must be ragged or padded, not {self.spec_layout!r}")
+        if self.pass_mode not in PASS_MODES:
+            raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
+        if self.spec == "pass" and self.spec_layout == "padded":
+            raise ValueError("--spec pass is not available with --spec-layout padded")
         if not 0 <= self.num_draft_tokens <= 64:
             raise ValueError("num_draft_tokens must be between 0 and 64")
 

@@ -57,7 +57,8 @@ class LLMEngine:
         self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size)
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings,
                                  config.cache.num_blocks * config.cache.block_size)
-        self.spec = Speculator(config)
+        self.spec = Speculator(config, model_dir)
+        self.runner.set_lookahead(self.spec.lookahead_embeds)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
         self.spec.controller.cost_model.calibrate(self._forward_rows, self._calibration_rows())
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -113,7 +114,8 @@ class LLMEngine:
         real_drafts = self.spec.attach(sched)
         model_out = self.runner.execute(sched)
         logits = unpad(model_out.logits, entries, real_drafts) if self.spec.padded else model_out.logits
-        verified = verify_step(logits, entries, self.spec.top_k_for(entries))
+        verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits)
+        stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
         moves = [accepted_path_moves(s, v.result) for s, v in zip(entries, verified)]
         self.scheduler.update_after_step(sched)
         outputs = []
@@ -231,6 +233,7 @@ class LLMEngine:
         if stats.num_prefill_tokens == 0 and stats.spec:
             controller = self.spec.controller
             stats.speedup = controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
-            controller.cost_model.observe(stats.num_decode_tokens + sum(r.num_draft for r in stats.spec), step_time)
+            num_rows = stats.num_decode_tokens + sum(r.num_draft for r in stats.spec) + stats.num_lookahead_rows
+            controller.cost_model.observe(num_rows, step_time)
         stats.finished, self._pending_finished = self._pending_finished, []
         self.last_stats = stats

@@ -8,6 +8,9 @@ through a per-request tree mask; a chain draft needs no mask (it is plain causal
 
 Logits are computed only for the rows that sample: the last new token of each request that reaches
 the end of its known tokens, plus every draft node (the verifier scores those).
+PaSS look-ahead rows (`ScheduledRequest.num_lookahead`) come last in a request's share: their input
+is a learned embedding instead of a token, they continue the chain's positions and cache indices
+(causal, like a chain), and their logits are returned apart (`ModelOutput.lookahead_logits`).
 The runner never mutates requests; the engine advances num_computed_tokens after the step.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class RequestLayout:
     kv_len: int  # the request's KV length once this step's K/V are stored
     sample_rows: list[int] = field(default_factory=list)  # rows (relative) whose logits are returned
     tree_block: list[list[bool]] | None = None  # [q_len][q_len] visibility among the new rows; None: causal
+    lookahead_rows: list[int] = field(default_factory=list)  # rows (relative) fed look-ahead embeddings
 
 
 def _draft_depths(draft: DraftTree) -> list[int]:
@@ -81,7 +85,22 @@ def request_layout(s: ScheduledRequest) -> RequestLayout:
         layout.kv_len = start + num_new + num_draft
         layout.sample_rows += list(range(num_new, num_new + num_draft))
         layout.tree_block = _tree_block(num_new, draft)
+    if s.num_lookahead > 0:
+        _append_lookahead(layout, s.num_lookahead, r.request_id)
     return layout
+
+
+def _append_lookahead(layout: RequestLayout, num_lookahead: int, request_id: str) -> None:
+    """Look-ahead rows after the last row: the next positions and cache indices, causal."""
+    if layout.tree_block is not None:
+        raise ValueError(f"request {request_id}: look-ahead rows need a chain draft, not a tree")
+    num_rows = len(layout.token_ids)
+    last_position, last_index = layout.positions[-1], layout.cache_indices[-1]
+    layout.token_ids = layout.token_ids + [0] * num_lookahead  # placeholder ids: the embeddings replace them
+    layout.positions = layout.positions + list(range(last_position + 1, last_position + 1 + num_lookahead))
+    layout.cache_indices = layout.cache_indices + list(range(last_index + 1, last_index + 1 + num_lookahead))
+    layout.kv_len += num_lookahead
+    layout.lookahead_rows = list(range(num_rows, num_rows + num_lookahead))
 
 
 @dataclass
@@ -90,6 +109,8 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens] int64
     attn_metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sample_rows] int64 flat rows whose logits are returned
+    lookahead_rows: torch.Tensor | None = None  # [num_lookahead_rows] int64 flat rows fed look-ahead embeddings
+    lookahead_embeds: torch.Tensor | None = None  # [num_lookahead_rows, hidden]
 
 
 class ModelRunner:
@@ -104,6 +125,7 @@ class ModelRunner:
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]  # torch.dtype of weights, activations and KV cache
         self.model = LlamaModel.from_hf_dir(model_dir, model_config, device, dtype, linear_backend)
+        self.lookahead: torch.Tensor | None = None  # [L, hidden] PaSS embeddings (set_lookahead)
         shape = (cache_config.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded attention reads unused slots under a mask and needs them finite.
         self.kv_caches = [
@@ -120,9 +142,23 @@ class ModelRunner:
         if inputs.input_ids.numel() == 0:
             empty = torch.empty(0, self.model_config.vocab_size, device=self.device)
             return ModelOutput(logits=empty, hidden_states=empty[:, : self.model_config.hidden_size])
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches)
+        overrides = None
+        if inputs.lookahead_rows is not None:
+            overrides = (inputs.lookahead_rows, inputs.lookahead_embeds)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches,
+                                    overrides)
         sampled = hidden.index_select(0, inputs.sample_rows)  # [num_sample_rows, hidden]
-        return ModelOutput(logits=self.model.compute_logits(sampled), hidden_states=sampled)
+        out = ModelOutput(logits=self.model.compute_logits(sampled), hidden_states=sampled)
+        if inputs.lookahead_rows is not None:
+            out.lookahead_logits = self.model.compute_logits(hidden.index_select(0, inputs.lookahead_rows))
+        return out
+
+    def set_lookahead(self, embeds: torch.Tensor | None) -> None:
+        """The PaSS look-ahead embeddings # [L, hidden]; a request's i-th look-ahead row gets row i."""
+        if embeds is not None and (embeds.dim() != 2 or embeds.shape[1] != self.model_config.hidden_size):
+            raise ValueError(f"look-ahead embeddings must be [L, {self.model_config.hidden_size}], "
+                             f"got {tuple(embeds.shape)}")
+        self.lookahead = None if embeds is None else embeds.to(self.device, self.dtype)
 
     def copy_kv_slots(self, src_slots: list[int], dst_slots: list[int]) -> None:
         """Copy K/V between flat slots in every layer (compacting an accepted tree path)."""
@@ -139,8 +175,11 @@ class ModelRunner:
         layouts = [request_layout(s) for s in sched.scheduled]
         self._check_capacity(sched.scheduled, layouts)
         flat_ids, flat_pos, flat_idx, req_of_token, sample_rows, cu_q = [], [], [], [], [], [0]
+        lookahead_rows, lookahead_counts = [], []
         for i, lay in enumerate(layouts):
             sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
+            lookahead_rows += [cu_q[-1] + row for row in lay.lookahead_rows]
+            lookahead_counts.append(len(lay.lookahead_rows))
             flat_ids += lay.token_ids
             flat_pos += lay.positions
             flat_idx += lay.cache_indices
@@ -159,12 +198,24 @@ class ModelRunner:
         cfg = self.model_config
         meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
                                    cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask)
-        return StepInputs(
+        inputs = StepInputs(
             input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(flat_pos, dtype=torch.long, device=dev),
             attn_metadata=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+        if lookahead_rows:
+            inputs.lookahead_rows = torch.tensor(lookahead_rows, dtype=torch.long, device=dev)
+            inputs.lookahead_embeds = self._lookahead_embeds(lookahead_counts)
+        return inputs
+
+    def _lookahead_embeds(self, counts: list[int]) -> torch.Tensor:
+        """Request i's look-ahead rows get embeddings 0 .. counts[i] - 1, concatenated."""
+        if self.lookahead is None or max(counts) > self.lookahead.shape[0]:
+            have = 0 if self.lookahead is None else self.lookahead.shape[0]
+            raise ValueError(f"a request asks for {max(counts)} look-ahead rows; {have} embeddings are loaded")
+        index = torch.tensor([j for n in counts for j in range(n)], dtype=torch.long, device=self.device)
+        return self.lookahead.index_select(0, index)
 
     def _check_capacity(self, scheduled: list[ScheduledRequest], layouts: list[RequestLayout]) -> None:
         max_pos = self.model_config.max_position_embeddings

@@ -8,12 +8,15 @@ drafts), and each request accepts what it earned. Its K/V stay where the runner 
 (a tree's path is first copied into consecutive slots) and the rest is simply rolled back.
 
 Rows: the runner returns, per sampling request, 1 + len(draft) logits rows (row 0 = after the last
-real token, row i + 1 = after draft node i), concatenated in scheduled order.
+real token, row i + 1 = after draft node i), concatenated in scheduled order; PaSS look-ahead rows
+(engine/spec/lookahead.py) come apart, `num_lookahead` per request, in the same order.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,11 +24,13 @@ from engine.config import EngineConfig
 from engine.sampler import apply_logit_processors, compute_logprobs, get_generator, probs_from_logits
 from engine.spec.base import depths, path_to
 from engine.spec.controller import DraftController
+from engine.spec.lookahead import ROWS_PER_DRAFT
 from engine.spec.ngram import NgramProposer
 from engine.types import DraftTree, Request, ScheduledRequest, SchedulerOutput, TokenLogprob, VerifyResult
 from engine.verifier import emitted_rows, verify
 
 DEFAULT_JACOBI_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "spec" / "jacobi.yaml"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Verified:
     result: VerifyResult
     logprobs: list[TokenLogprob | None]
     row_top_tokens: list[list[int]] | None = None  # for drafters that learn from the target (Jacobi)
+    lookahead_logits: Any = None  # [num_lookahead, vocab] this request's PaSS look-ahead rows
 
 
 def trim(tree: DraftTree, num_nodes: int) -> DraftTree | None:
@@ -47,12 +53,19 @@ def trim(tree: DraftTree, num_nodes: int) -> DraftTree | None:
     return DraftTree(tree.token_ids[:num_nodes], tree.parents[:num_nodes], q)
 
 
-def attach_drafts(sched: SchedulerOutput, proposals: dict[str, DraftTree]) -> None:
-    """Give each scheduled decode its proposal, cut to the slots the scheduler reserved."""
+def attach_drafts(sched: SchedulerOutput, proposals: dict[str, DraftTree],
+                  lookahead: dict[str, int] | None = None) -> None:
+    """Give each scheduled decode its proposal, cut to the slots the scheduler reserved; look-ahead
+    rows (PaSS) get the slots the drafts leave."""
     for s in sched.scheduled:
+        if s.max_draft_tokens <= 0 or not s.samples:
+            continue
         tree = proposals.get(s.request.request_id)
-        if tree is not None and s.max_draft_tokens > 0 and s.samples:
+        if tree is not None:
             s.draft = trim(tree, s.max_draft_tokens)
+        if lookahead:
+            num_used = len(s.draft) if s.draft is not None else 0
+            s.num_lookahead = min(lookahead.get(s.request.request_id, 0), s.max_draft_tokens - num_used)
 
 
 def _row_histories(request: Request, tree: DraftTree | None) -> list[list[int]]:
@@ -69,8 +82,10 @@ def _row_histories(request: Request, tree: DraftTree | None) -> list[list[int]]:
     return [output] + [output + [tree.token_ids[k] for k in path_to(tree, node)] for node in range(len(tree))]
 
 
-def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for: dict[str, int]) -> list[Verified]:
-    """Verify every sampling request of the step. logits: # [sum(1 + len(draft)), vocab] fp32."""
+def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for: dict[str, int],
+                lookahead_logits: torch.Tensor | None = None) -> list[Verified]:
+    """Verify every sampling request of the step. logits: # [sum(1 + len(draft)), vocab] fp32;
+    lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified."""
     requests = [s.request for s in entries]
     trees = [s.draft for s in entries]
     sizes = [1 + (len(t) if t is not None else 0) for t in trees]
@@ -85,8 +100,15 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
     probs = None if all(greedy) else probs_from_logits(processed, rows_params)
     generators = [None if g else get_generator(r) for r, g in zip(requests, greedy)]
     results = verify([r.request_id for r in requests], trees, cu_rows, greedy, target_tokens, probs, generators)
-    return [_verified(logits, r, res, cu_rows[i], top_k_for.get(r.request_id, 0))
-            for i, (r, res) in enumerate(zip(requests, results))]
+    verified = [_verified(logits, r, res, cu_rows[i], top_k_for.get(r.request_id, 0))
+                for i, (r, res) in enumerate(zip(requests, results))]
+    if lookahead_logits is not None:
+        start = 0
+        for s, v in zip(entries, verified):
+            if s.num_lookahead:
+                v.lookahead_logits = lookahead_logits[start:start + s.num_lookahead]
+                start += s.num_lookahead
+    return verified
 
 
 def _verified(logits: torch.Tensor, request: Request, result: VerifyResult, first_row: int, top_k: int) -> Verified:
@@ -119,23 +141,34 @@ def accepted_path_moves(s: ScheduledRequest, result: VerifyResult) -> tuple[list
 class Speculator:
     """The engine's speculation part: the drafters, the draft controller and the per-step plan."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model_dir: Path | None = None):
         self.default_method = config.spec
         self.num_draft_tokens = config.num_draft_tokens
         self.padded = config.spec_layout == "padded"
         self.controller = DraftController(adaptive=config.spec_adaptive)
         self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
         self.proposers.update(_optional_proposers(config))
+        self.proposers.update(_pass_proposer(config, model_dir))
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
+        self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
+
+    @property
+    def lookahead_embeds(self) -> torch.Tensor | None:
+        """The PaSS embeddings the model runner appends (None without a PaSS drafter)."""
+        proposer = self.proposers.get("pass")
+        return proposer.embeds if proposer is not None else None
 
     def method_of(self, request: Request) -> str:
         return request.spec.method or self.default_method
 
     def check_method(self, method: str | None) -> None:
         if method is not None and method != "none" and method not in self.proposers:
-            raise ValueError(f"unknown speculative method {method!r}; choose from none, "
+            hint = " (no PaSS artifact is loaded for this model: see --pass-artifact)" if method == "pass" else ""
+            raise ValueError(f"unknown speculative method {method!r}{hint}; choose from none, "
                              f"{', '.join(sorted(self.proposers))}")
+        if method == "pass" and self.padded:
+            raise ValueError("speculative method 'pass' is not available with --spec-layout padded")
 
     def max_drafts(self, request: Request, max_model_len: int) -> int:
         """Drafts past max_tokens or the context window could never be emitted."""
@@ -150,21 +183,43 @@ class Speculator:
             method = self.method_of(r)
             if method != "none" and r.num_tokens - r.num_computed_tokens == 1:
                 by_method.setdefault(method, []).append(r)
-        self._proposals, offers = {}, {}
+        self._proposals, self._lookahead, offers, limits = {}, {}, {}, {}
         for method, requests in by_method.items():
-            limits = {r.request_id: self.max_drafts(r, max_model_len) for r in requests}
-            for rid, tree in self.proposers[method].propose(requests, limits).items():
+            proposer = self.proposers[method]
+            limits.update({r.request_id: self.max_drafts(r, max_model_len) for r in requests})
+            for rid, tree in proposer.propose(requests, limits).items():
                 tree = trim(tree, limits[rid])
                 if tree is not None:
                     self._proposals[rid] = tree
-            offers.update({r.request_id: (r, method, depths(self._proposals[r.request_id]))
-                           for r in requests if r.request_id in self._proposals})
+            for r in requests:
+                tree = self._proposals.get(r.request_id)
+                offer = (proposer.offer(r, tree, limits[r.request_id]) if hasattr(proposer, "offer")
+                         else depths(tree) if tree is not None else [])
+                if offer:
+                    offers[r.request_id] = (r, method, offer)
         num_decoding = sum(len(v) for v in by_method.values())
-        self._plan = self.controller.plan(offers, num_decoding) if offers else {}
+        self._plan = self.controller.plan(offers, num_decoding, {"pass": ROWS_PER_DRAFT}) if offers else {}
+        for r in by_method.get("pass", []):
+            self._plan_lookahead(r, limits[r.request_id], max_model_len)
         if self.padded and self._plan:  # the vanilla baseline: every request padded to the longest
             longest = max(self._plan.values())
             self._plan = {r.request_id: longest for reqs in by_method.values() for r in reqs
                           if self.max_drafts(r, max_model_len) >= longest}
+
+    def _plan_lookahead(self, r: Request, limit: int, max_model_len: int) -> None:
+        """Turn the controller's count for a PaSS request into drafts + look-ahead rows."""
+        rid = r.request_id
+        tree = self._proposals.get(rid)
+        rows = self.proposers["pass"].plan(tree, self._plan.get(rid, 0), limit)
+        # Look-ahead rows take positions too: never past the context window.
+        num_lookahead = max(0, min(rows.num_lookahead, max_model_len - r.num_tokens - rows.num_draft))
+        tree = trim(tree, rows.num_draft) if tree is not None else None
+        if tree is None:
+            self._proposals.pop(rid, None)
+        else:
+            self._proposals[rid] = tree
+        self._lookahead[rid] = num_lookahead
+        self._plan[rid] = rows.num_draft + num_lookahead
 
     def draft_policy(self, request: Request) -> int:
         """The scheduler's hook: drafts this request may verify this step."""
@@ -173,7 +228,7 @@ class Speculator:
     def attach(self, sched: SchedulerOutput) -> dict[str, int]:
         """Attach drafts; in the padded layout fill every draft up to its reservation with filler
         nodes. Returns request_id -> real draft length for `unpad`."""
-        attach_drafts(sched, self._proposals)
+        attach_drafts(sched, self._proposals, self._lookahead)
         real = {s.request.request_id: len(s.draft) if s.draft is not None else 0 for s in sched.scheduled}
         if self.padded:
             for s in sched.scheduled:
@@ -194,6 +249,8 @@ class Speculator:
         proposer = self.proposers.get(method)
         if proposer is not None and hasattr(proposer, "observe") and verified.row_top_tokens is not None:
             proposer.observe(s.request, verified.result, verified.row_top_tokens)
+        if verified.lookahead_logits is not None and hasattr(proposer, "observe_lookahead"):
+            proposer.observe_lookahead(s.request, verified.result, verified.lookahead_logits)
         self.controller.record(s.request, method, verified.result.num_draft, verified.result.num_accepted)
 
 
@@ -227,3 +284,24 @@ def _optional_proposers(config: EngineConfig) -> dict:
     path = Path(config.jacobi_config) if config.jacobi_config else DEFAULT_JACOBI_CONFIG
     jacobi = JacobiConfig.from_yaml(path) if path.is_file() else JacobiConfig()
     return {"jacobi": JacobiProposer(jacobi)}
+
+
+def _pass_proposer(config: EngineConfig, model_dir: Path | None) -> dict:
+    """The PaSS drafter when an artifact for this model exists (or was named: then it must load)."""
+    if model_dir is None:
+        return {}
+    from engine.spec.lookahead import load_pass_proposer
+
+    try:
+        proposer = load_pass_proposer(config, model_dir)
+    except ValueError as exc:
+        if config.pass_artifact or config.spec == "pass":
+            raise
+        log.warning("speculative method 'pass' is unavailable: %s", exc)
+        return {}
+    if proposer is None:
+        if config.spec == "pass":
+            raise ValueError(f"--spec pass needs look-ahead embeddings for {config.model}: none found in "
+                             f"artifacts/pass/; give one with --pass-artifact (train it with `specd train pass`)")
+        return {}
+    return {"pass": proposer}

@@ -155,6 +155,8 @@ class ScheduledRequest:
     """Draft nodes verified after the new tokens (the proposer fills it, up to max_draft_tokens)."""
     max_draft_tokens: int = 0
     """Draft slots the scheduler reserved in the token budget and the KV cache for this step."""
+    num_lookahead: int = 0
+    """PaSS look-ahead rows appended after the draft (they use reserved draft slots; engine/spec/lookahead.py)."""
 
     @property
     def samples(self) -> bool:
@@ -186,6 +188,7 @@ class ModelOutput:
 
     logits: Any  # torch.Tensor [num_sample_rows, vocab_size], fp32
     hidden_states: Any = None  # torch.Tensor [num_sample_rows, hidden_size] when a proposer needs it
+    lookahead_logits: Any = None  # torch.Tensor [sum of num_lookahead, vocab_size] fp32, scheduled order
 
 
 @dataclass
@@ -251,6 +254,8 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_generated_tokens: int = 0
+    num_lookahead_rows: int = 0
+    """PaSS look-ahead rows computed this step (rows that neither decode nor verify)."""
     num_preemptions: int = 0
     kv_cache_usage: float = 0.0
     spec: list[SpecRecord] = field(default_factory=list)

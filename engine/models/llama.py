@@ -179,9 +179,14 @@ class LlamaModel:
         positions: torch.Tensor,  # [num_tokens] int64
         attn_metadata: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer ([num_blocks, block_size, kv_heads, head_dim] x2)
+        input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,  # (rows [n] int64, embeddings [n, hidden])
     ) -> torch.Tensor:
-        """Final-normed hidden states # [num_tokens, hidden] (pass sampled rows to compute_logits)."""
+        """Final-normed hidden states # [num_tokens, hidden] (pass sampled rows to compute_logits).
+
+        input_embeds replaces the input embedding of the given rows (PaSS look-ahead embeddings)."""
         x = F.embedding(input_ids, self.embed)
+        if input_embeds is not None:
+            x[input_embeds[0]] = input_embeds[1].to(x.dtype)
         cos = self.cos_table[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
         sin = self.sin_table[positions].unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):

@@ -128,23 +128,30 @@ class DraftController:
         request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
         self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
 
-    def plan(self, proposals: dict[str, tuple[Request, str, list[int]]], num_base_rows: int) -> dict[str, int]:
-        """request_id -> drafts to keep; proposals hold (request, method, depth of each draft node)."""
+    def plan(self, proposals: dict[str, tuple[Request, str, list[int]]], num_base_rows: int,
+             rows_per_draft: dict[str, float] | None = None) -> dict[str, int]:
+        """request_id -> drafts to keep; proposals hold (request, method, depth of each draft node).
+
+        rows_per_draft: rows one draft of a method costs (default 1; PaSS pays a look-ahead row too).
+        """
         if not self.adaptive:
             return {rid: len(depths) for rid, (_, _, depths) in proposals.items()}
-        gains = []  # (gain, request_id)
+        gains = []  # (gain, rows, request_id)
         for rid, (request, method, depths) in proposals.items():
             alpha = self.alpha(request, method)
-            gains += [(alpha ** depth, rid) for depth in depths]
-        gains.sort(key=lambda g: -g[0])
-        best_count, best_rate, total_gain = 0, num_base_rows / self.cost_model.cost(num_base_rows), 0.0
-        for count, (gain, _) in enumerate(gains, start=1):
+            rows = (rows_per_draft or {}).get(method, 1.0)
+            gains += [(alpha ** depth, rows, rid) for depth in depths]
+        gains.sort(key=lambda g: -g[0] / g[1])
+        best_count, best_rate = 0, num_base_rows / self.cost_model.cost(num_base_rows)
+        total_gain = total_rows = 0.0
+        for count, (gain, rows, _) in enumerate(gains, start=1):
             total_gain += gain
-            rate = (num_base_rows + total_gain) / self.cost_model.cost(num_base_rows + count)
+            total_rows += rows
+            rate = (num_base_rows + total_gain) / self.cost_model.cost(num_base_rows + total_rows)
             if rate > best_rate:
                 best_count, best_rate = count, rate
         keep: dict[str, int] = {}
-        for _, rid in gains[:best_count]:
+        for _, _, rid in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
         for rid, (request, _, _) in proposals.items():
             request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1

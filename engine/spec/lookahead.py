@@ -1,0 +1,158 @@
+"""`--spec pass`: PaSS look-ahead embeddings.
+
+Monea, Joulin, Grave 2023, "PaSS: Parallel Speculative Sampling". L learned embeddings a_1..a_L
+(L x d_model parameters, nothing else) are appended to the input after the last real token x_t.
+The model's output at x_t is the exact next-token distribution; its output at a_i (position t + i)
+is a draft distribution q_i for the token at t + 1 + i. So one forward both emits a real token and
+drafts the L tokens after it; the next forward verifies them (speculative sampling, lossless).
+
+Two ways to run it, both batched with every other request of the step (EMS-SD):
+- `two_call` (the paper): iterations alternate a drafting call, `[x_t, a_1..a_L]` (emits one token
+  exactly, drafts L more), and a validation call, `[x_t', d_1..d_L]` (emits the accepted drafts
+  plus the bonus/recovered token). In the engine they are two consecutive steps of one request.
+- `fused`: the look-ahead embeddings ride along in every verify pass, after the drafts:
+  `[x_t, d_1..d_n, a_1..a_L]`. The rows a_i are conditioned on all n drafts being right; when they
+  all are, the bonus token is the token at a_1's position and the a_i rows are exactly the next
+  iteration's drafts, so one call both verifies and drafts. After a rejection they are conditioned
+  on a wrong token and are dropped; the next step is a drafting-only `[x_t, a_1..a_L]`.
+
+Drafts carry their q: greedy requests draft the argmax (q = one-hot, `draft_probs` None), sampled
+requests draw d_i ~ q_i = the request's temperature / top-k / top-p applied to the a_i row, from the
+request's own generator, and the verifier's min(1, p/q) test keeps the output distribution exact.
+
+Per-request state (`request.state["pass"]`): the pending drafts and the text length they continue.
+The embeddings come from a trained artifact (engine/train/pass_.py, artifacts/pass/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import PASS_MODES as MODES
+from engine.sampler import get_generator, probs_from_logits, sample_from_probs
+from engine.spec.base import chain
+from engine.types import DraftTree, Request, VerifyResult
+
+STATE_KEY = "pass"
+ROWS_PER_DRAFT = 2.0
+"""Rows one PaSS draft costs the step-cost controller: its verify row plus the look-ahead row that
+drafted it (in either mode), so the controller weighs PaSS drafts at twice the price of free ones."""
+
+
+@dataclass
+class PassState:
+    drafts: list[int] = field(default_factory=list)
+    q: Any = None  # [len(drafts), vocab] draft probabilities, None for greedy (one-hot) drafts
+    anchor: int = -1
+    """len(request.token_ids) the drafts continue; any other length means they are stale."""
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One request's share of a step: drafts verified and look-ahead rows appended."""
+
+    num_draft: int
+    num_lookahead: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_draft + self.num_lookahead
+
+
+class PassProposer:
+    """Drafts from the previous step's look-ahead rows; plans this step's look-ahead rows."""
+
+    name = "pass"
+
+    def __init__(self, embeds: torch.Tensor, mode: str = "fused", max_lookahead: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"pass mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if embeds.dim() != 2 or embeds.shape[0] < 1:
+            raise ValueError(f"look-ahead embeddings must be [L >= 1, hidden], got {tuple(embeds.shape)}")
+        self.embeds = embeds  # [L, hidden]
+        self.mode = mode
+        self.num_lookahead = min(embeds.shape[0], max_lookahead or embeds.shape[0])
+
+    def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
+        """The pending drafts of each request whose text they still continue."""
+        out = {}
+        for request in requests:
+            state = _state(request)
+            k = min(max_drafts.get(request.request_id, 0), len(state.drafts))
+            if state.anchor == request.num_tokens and k > 0:
+                q = state.q[:k] if state.q is not None else None
+                out[request.request_id] = chain(state.drafts[:k], q)
+        return out
+
+    def offer(self, request: Request, proposal: DraftTree | None, limit: int) -> list[int]:
+        """Depths the controller may keep: the pending drafts, or (none pending) the drafts that
+        look-ahead rows appended this step would make for the next one."""
+        if proposal is not None:
+            return list(range(1, len(proposal) + 1))
+        return list(range(1, min(self.num_lookahead, limit) + 1))
+
+    def plan(self, proposal: DraftTree | None, keep: int, limit: int) -> RowPlan:
+        """Rows for a request the controller gave `keep` drafts (of `offer`); limit = drafts it could use."""
+        if keep <= 0:
+            return RowPlan(0, 0)
+        if proposal is None:  # a drafting step: look-ahead rows only
+            return RowPlan(0, min(keep, limit))
+        if self.mode == "two_call":  # a validation step: drafts only
+            return RowPlan(keep, 0)
+        # Fused: re-draft one deeper than kept, so a short chain grows back as acceptance allows.
+        return RowPlan(keep, min(self.num_lookahead, keep + 1, limit))
+
+    def observe_lookahead(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
+        """After a step that appended look-ahead rows: their outputs are the next drafts when every
+        draft before them was accepted (else they were conditioned on a rejected token).
+
+        logits: # [num_lookahead, vocab] fp32, the request's look-ahead rows in order.
+        Called before the step's tokens are appended to request.token_ids.
+        """
+        state = _state(request)
+        state.drafts, state.q, state.anchor = [], None, -1
+        if logits is None or logits.shape[0] == 0 or result.num_accepted < result.num_draft:
+            return
+        if request.sampling.greedy:
+            state.drafts = logits.argmax(dim=-1).tolist()
+        else:
+            q = probs_from_logits(logits, [request.sampling] * logits.shape[0])
+            generator = get_generator(request)
+            state.drafts = sample_from_probs(q, [generator] * logits.shape[0]).tolist()
+            state.q = q
+        state.anchor = request.num_tokens + len(result.token_ids)
+
+
+def _state(request: Request) -> PassState:
+    state = request.state.get(STATE_KEY)
+    if state is None:
+        state = request.state[STATE_KEY] = PassState()
+    return state
+
+
+# ---------------------------------------------------------------- loading
+
+
+ARTIFACTS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "pass"
+
+
+def default_artifact_path(model: str) -> Path:
+    """Where the committed embeddings for `model` live: artifacts/pass/<model name>.safetensors."""
+    from engine.models.loader import model_name
+
+    return ARTIFACTS_DIR / f"{model_name(model)}.safetensors"
+
+
+def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
+    """The drafter for config.pass_artifact (or the committed default for this model; None if there
+    is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
+    from engine.train.artifact import load_artifact
+
+    path = Path(config.pass_artifact) if config.pass_artifact else default_artifact_path(config.model)
+    if not config.pass_artifact and not path.is_file():
+        return None
+    artifact = load_artifact(path, "pass", model_dir=model_dir)
+    return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, config.num_draft_tokens)

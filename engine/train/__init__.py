@@ -1,0 +1,9 @@
+"""Drafter training: self-distillation data, a shared trainer, and the artifacts drafters load.
+
+- data.py      `specd train data`: the served model's own continuations of offline prompts
+- frozen.py    a differentiable forward of the frozen base model (dense attention, no paged cache)
+- trainer.py   the loop every drafter shares: AdamW, cosine schedule, held-out eval, checkpoints
+- pass_.py     PaSS look-ahead embeddings: initialisation, loss, evaluation (`specd train pass`)
+- artifact.py  small safetensors files with a JSON header naming the base model (weight hash) and method
+- cli.py       the `specd train` subcommands (argparse only; torch is imported when a command runs)
+"""
