@@ -32,6 +32,7 @@ test-fast: install
 	$(PY) -m pytest -q -ra tests/unit
 
 bench: install
+	$(PY) -m pip install -q -e ".[test,bench]"  # matplotlib, for the PNG charts beside the JSON
 	$(PY) benchmarks/serving.py
 
 clean:

@@ -136,6 +136,25 @@ def inter_token_latencies(timings: list[RequestTiming]) -> list[float]:
     return [b - a for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
 
 
+def latency_summary(timings: list[RequestTiming]) -> dict:
+    """TTFT, inter-token and end-to-end latency p50 / p99 (seconds) over a run's requests."""
+    itl = inter_token_latencies(timings)
+    series = {"ttft": [t.ttft for t in timings], "itl": itl, "e2e": [t.e2e for t in timings]}
+    return {f"{key}_p{q}": percentile(values, q) for key, values in series.items() for q in (50, 99)}
+
+
+def write_results(payload: dict, out: Path) -> None:
+    """Print the result as one JSON line and write it to `out`, with its PNG charts beside it
+    (benchmarks/plots.py; skipped with a message when matplotlib is not installed)."""
+    from benchmarks.plots import save_charts
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload["charts"] = save_charts(out, payload["benchmark"], payload["rows"])
+    line = json.dumps(payload)
+    out.write_text(line + "\n")
+    print(line)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

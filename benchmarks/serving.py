@@ -2,7 +2,8 @@
 
 Spec-Bench first-turn prompts (chat-templated, greedy, max_tokens 128). Reports output tok/s
 (aggregate over the run's wall time, prompt processing included), TTFT and inter-token latency
-p50/p99; prints a table and one JSON line. Usage:
+p50/p99; prints a table and one JSON line, and writes the JSON to --out with PNG charts beside it
+(throughput and batching speedup by concurrency, latency percentiles). Usage:
 
     .venv/bin/python benchmarks/serving.py [--per-category 5] [--concurrency 1 4 16] [--no-hf]
 """
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Server, inter_token_latencies, load_spec_bench, percentile,  # noqa: E402
-                               print_table, run_load)
+from benchmarks.common import (Server, latency_summary, load_spec_bench, percentile,  # noqa: E402
+                               print_table, run_load, write_results)
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def specd_rows(prompts, concurrencies, max_tokens, server_args) -> list[dict]:
@@ -27,13 +29,10 @@ def specd_rows(prompts, concurrencies, max_tokens, server_args) -> list[dict]:
         asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
         for concurrency in concurrencies:
             timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens))
-            itl = inter_token_latencies(timings)
             rows.append({
                 "system": "specd", "concurrency": concurrency,
                 "output_tok_s": sum(t.num_output_tokens for t in timings) / wall,
-                "ttft_p50": percentile([t.ttft for t in timings], 50),
-                "ttft_p99": percentile([t.ttft for t in timings], 99),
-                "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+                **latency_summary(timings),
                 "requests": len(timings), "wall_s": wall,
             })
     return rows
@@ -70,6 +69,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
+    ap.add_argument("--out", type=Path, default=RESULTS / "serving.json", help="result JSON; PNG charts go beside it")
     args = ap.parse_args()
 
     prompts = load_spec_bench(args.per_category)
@@ -80,8 +80,8 @@ def main() -> None:
     summary = summarize(rows)
     print_table(rows, ["system", "concurrency", "output_tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
                        "requests", "wall_s"])
-    print(json.dumps({"benchmark": "serving", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                      "rows": rows, **summary}))
+    write_results({"benchmark": "serving", "prompts": len(prompts), "max_tokens": args.max_tokens,
+                   "rows": rows, **summary}, args.out)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -4,7 +4,8 @@ Spec-Bench first-turn prompts (N per category) plus code-editing prompts (a Pyth
 function and a request to rewrite it: the case prompt lookup is made for), greedy, chat-templated.
 Each method is chosen per request (`speculative.method`) on one server per layout, so every ratio
 is measured side by side. Prints a table (tok/s, speedup over `none` at the same concurrency,
-mean acceptance length, per category), one JSON line, and writes a PNG of speedup vs concurrency.
+mean acceptance length, per category; latency percentiles overall) and one JSON line, and writes
+the JSON to --out with PNG charts beside it (speedup by concurrency per method, latency percentiles).
 
     .venv/bin/python benchmarks/spec.py [--per-category 10] [--concurrency 1 4 8 16] [--max-tokens 128]
 """
@@ -13,14 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Server, load_spec_bench, print_table, run_load  # noqa: E402
+from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_load,  # noqa: E402
+                               write_results)
 
 METHODS = ("none", "ngram", "jacobi")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,6 +60,7 @@ def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: 
             "tok_s": tokens / wall if category == "all" else tokens / sum(t.e2e for t in ts) * concurrency,
             "mean_accept_len": (steps + accepted) / steps if steps else 0.0,
             "requests": len(ts),
+            **(latency_summary(ts) if category == "all" else {}),
         })
     return rows
 
@@ -71,31 +73,6 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup"] = r["tok_s"] / ref if ref else float("nan")
 
 
-def plot(rows: list[dict], path: Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for layout in ("ragged", "padded"):
-        for method in METHODS:
-            pts = sorted((r["concurrency"], r["speedup"]) for r in rows
-                         if r["method"] == method and r["layout"] == layout and r["category"] == "all")
-            if pts and not (method == "none" and layout == "padded"):
-                ax.plot(*zip(*pts), marker="o", linestyle="-" if layout == "ragged" else "--",
-                        label=f"{method} ({layout})")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("speedup over --spec none")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-category", type=int, default=10)
@@ -104,6 +81,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--layouts", nargs="+", default=["ragged", "padded"])
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
+    ap.add_argument("--out", type=Path, default=RESULTS / "spec.json", help="result JSON; PNG charts go beside it")
     args = ap.parse_args()
 
     prompts = load_spec_bench(args.per_category) + code_edit_prompts(args.per_category)
@@ -119,10 +97,8 @@ def main() -> None:
     add_speedups(rows)
     print_table(rows, ["layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
-    RESULTS.mkdir(exist_ok=True)
-    png = plot(rows, RESULTS / "spec_speedup.png")
-    print(json.dumps({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                      "plot": png, "rows": rows}))
+    write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": rows},
+                  args.out)
 
 
 if __name__ == "__main__":
