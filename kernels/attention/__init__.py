@@ -1,7 +1,56 @@
-"""Ragged paged attention with per-request tree masks; dispatch point for backends.
+"""Ragged paged attention with per-request tree masks; dispatch between the Triton kernel and the
+torch reference (kernels/backend.py: CUDA tensors -> Triton, CPU -> `ref.py`, unless forced).
 
-Today every device uses the torch reference (`ref.py`); the Triton kernel will take CUDA tensors.
+The plan decides: `plan_attention` builds the plan of whichever backend the step's tensors go to,
+and `paged_attention` runs the backend its plan belongs to, so every layer of a step takes the
+same path. Without a plan the query tensor's device decides.
 """
-from kernels.attention.ref import MAX_BATCHED_Q_LEN, AttentionPlan, paged_attention, plan_attention
+from __future__ import annotations
+
+import torch
+
+from kernels import backend
+from kernels.attention import ref
+from kernels.attention.ref import MAX_BATCHED_Q_LEN, AttentionPlan
+
+_TRITON = "kernels.attention.triton"
 
 __all__ = ["paged_attention", "plan_attention", "AttentionPlan", "MAX_BATCHED_Q_LEN"]
+
+
+def plan_attention(
+    cu_seqlens_q: torch.Tensor,  # [batch + 1] int32
+    kv_lens: torch.Tensor,  # [batch] int32, after this step's K/V are stored
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    block_size: int,
+    num_queries_per_kv: int,
+    tree_mask: torch.Tensor | None = None,  # [sum of tree block sizes] bool
+    cu_tree_mask: torch.Tensor | None = None,  # [batch + 1]
+):
+    """The step's attention plan for the backend its tensors go to (shared by all layers)."""
+    impl = backend.load(_TRITON) if backend.use_triton(block_tables) else ref
+    return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
+                               tree_mask, cu_tree_mask)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [batch + 1] int32
+    kv_lens: torch.Tensor,  # [batch] int32
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    scale: float,
+    tree_mask: torch.Tensor | None = None,
+    cu_tree_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    plan=None,
+) -> torch.Tensor:
+    """See kernels/attention/ref.py for the contract; returns the attention output."""
+    if plan is None:
+        use_triton = backend.use_triton(q)
+    else:
+        use_triton = not isinstance(plan, AttentionPlan)
+    impl = backend.load(_TRITON) if use_triton else ref
+    return impl.paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                                tree_mask, cu_tree_mask, out=out, plan=plan)
