@@ -223,3 +223,11 @@ def test_every_panel_has_datasource_title_and_unit():
 def test_dashboard_rows_are_speculation_first():
     rows = [p["title"] for p in dashboard_panels() if p["type"] == "row"]
     assert rows[0] == "Speculation" and "Serving" in rows
+
+
+def test_readme_documents_the_adapter_rule_and_scaling():
+    readme = (REPO / "README.md").read_text()
+    assert "Replicas are how specd scales past one machine" in readme
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "seriesQuery" in b]
+    documented = yaml.safe_load(block)["rules"]["custom"]
+    assert documented == load_yaml(K8S / "prometheus-adapter-values.yaml")["rules"]["custom"]
