@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from engine.config import DEFAULT_MODEL, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import DEFAULT_MODEL, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
+from engine.train.cli import add_train_parser, run_train
 from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
 
 log = logging.getLogger("specd")
@@ -41,6 +42,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spec-adaptive", action="store_true",
                    help="verify every proposed draft instead of letting measured costs cut them")
     p.add_argument("--jacobi-config", default=None, help="YAML with the TR-Jacobi tree shape")
+    p.add_argument("--pass-artifact", default=None,
+                   help="PaSS look-ahead embeddings (default: artifacts/pass/<model>.safetensors if present)")
+    p.add_argument("--pass-mode", default=EngineConfig.pass_mode, choices=list(PASS_MODES),
+                   help="fused: look-ahead rows ride in the verify pass; two_call: the paper's draft then verify")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="where the default model is cached")
     p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(sub.add_parser("serve", help="run the HTTP server"))
     dl = sub.add_parser("download-default", help=f"prepare the cached {DEFAULT_MODEL} (dequantize once)")
     dl.add_argument("--cache-dir", default=None)
+    add_train_parser(sub)
     return parser
 
 
@@ -69,6 +75,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, device=args.device, dtype=args.dtype, spec=args.spec, cache_dir=args.cache_dir,
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, jacobi_config=args.jacobi_config,
+        pass_artifact=args.pass_artifact, pass_mode=args.pass_mode,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return serve(args)
+    if args.command == "train":
+        return run_train(args, argv)
     return download_default(args)
 
 
