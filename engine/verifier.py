@@ -42,6 +42,8 @@ import torch
 from engine.sampler import sample_from_probs
 from engine.spec.base import children, validate
 from engine.types import DraftTree, VerifyResult
+from kernels import backend as kernel_backend
+from kernels import rejection as kernel_rejection
 
 # ---------------------------------------------------------------- the sampling primitives
 
@@ -184,6 +186,9 @@ def verify(request_ids: list[str], trees: list[DraftTree | None], cu_rows: list[
         if cu_rows[i + 1] - cu_rows[i] != len(tree) + 1:
             raise ValueError(f"request {request_ids[i]!r}: {cu_rows[i + 1] - cu_rows[i]} rows "
                              f"for a {len(tree)}-node tree")
+    on = probs if probs is not None else target_tokens
+    if isinstance(on, torch.Tensor) and kernel_backend.use_triton(on):
+        return _verify_batched(request_ids, trees, greedy, target_tokens, probs, generators)
     if isinstance(target_tokens, torch.Tensor):
         target_tokens = target_tokens.tolist()  # one sync for the whole batch
     sampled = [i for i in range(len(trees)) if not greedy[i]]
@@ -198,6 +203,49 @@ def verify(request_ids: list[str], trees: list[DraftTree | None], cu_rows: list[
             generator = generators[i] if generators is not None else None
             results.append(verify_stochastic(tree, probs[lo:hi], generator, request_id, p_x[i]))
     return results
+
+
+def _verify_batched(request_ids: list[str], trees: list[DraftTree], greedy: list[bool], target_tokens=None,
+                   probs: torch.Tensor | None = None,
+                   generators: list[torch.Generator | None] | None = None) -> list[VerifyResult]:
+    """`verify` in one kernel launch (kernels/rejection, the GPU path): the same rules, one program
+    per request. Sampled requests draw one Philox seed per step from their own generator, so a seeded
+    request stays reproducible and independent of the batch (its stream differs from the CPU path's)."""
+    device = (probs if probs is not None else target_tokens).device
+    tokens = [t for tree in trees for t in tree.token_ids]
+    cu_nodes = [0]
+    for tree in trees:
+        cu_nodes.append(cu_nodes[-1] + len(tree))
+    seeds = [0 if g else int(torch.randint(0, 2 ** 62, (1,), generator=_generator(generators, i)))
+             for i, g in enumerate(greedy)]
+    q = None
+    if probs is not None and any(tree.draft_probs is not None for tree, g in zip(trees, greedy) if not g):
+        # One q row per node; deterministic drafters' rows one-hot, which is what q = None means.
+        q = torch.zeros(len(tokens), probs.shape[1], dtype=torch.float32, device=device)
+        q[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)] = 1.0
+        for tree, lo in zip(trees, cu_nodes):
+            if tree.draft_probs is not None:
+                q[lo:lo + len(tree)] = tree.draft_probs.to(device, torch.float32)
+    as_tensor = lambda values, dtype: torch.as_tensor(values, dtype=dtype, device=device)  # noqa: E731
+    out = kernel_rejection.accept(
+        as_tensor(tokens, torch.int64), as_tensor([p for tree in trees for p in tree.parents], torch.int32),
+        as_tensor(cu_nodes, torch.int32), as_tensor(greedy, torch.bool),
+        as_tensor(target_tokens, torch.int64) if target_tokens is not None else None,
+        probs, q, as_tensor(seeds, torch.int64) if probs is not None else None, max(map(len, trees), default=0))
+    counts, nodes, finals = (t.tolist() for t in (out.num_accepted, out.accepted_nodes, out.final_token_ids))
+    results = []
+    for i, (request_id, tree) in enumerate(zip(request_ids, trees)):
+        if finals[i] < 0:  # a bug upstream, not a token
+            raise ValueError("cannot sample: the probabilities sum to zero or are not finite")
+        accepted = nodes[i][:counts[i]]
+        results.append(VerifyResult(request_id, [tree.token_ids[c] for c in accepted] + [finals[i]],
+                                    len(tree), counts[i], accepted))
+    return results
+
+
+def _generator(generators, i: int) -> torch.Generator:
+    generator = generators[i] if generators is not None else None
+    return generator if generator is not None else torch.default_generator
 
 
 def emitted_rows(result: VerifyResult) -> list[int]:
