@@ -14,9 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tiny_model_dir):
-    """Factory: start_server(*flags, model_dir=None) -> ServerProcess (tiny model unless told); all stopped at the end."""
+    """Factory: start_server(*flags, model_dir=None) -> ServerProcess (tiny model unless told).
+
+    Module-scoped: a module's servers are stopped when it ends, so they do not sit in memory while
+    the rest of the suite runs."""
     started: list[ServerProcess] = []
 
     def start(*flags: str, model_dir: Path | None = None) -> ServerProcess:
