@@ -239,3 +239,18 @@ def test_readme_documents_the_adapter_rule_and_scaling():
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "seriesQuery" in b]
     documented = yaml.safe_load(block)["rules"]["custom"]
     assert documented == load_yaml(K8S / "prometheus-adapter-values.yaml")["rules"]["custom"]
+
+
+def test_every_deployed_command_line_parses():
+    """The serve flags in the Deployment, docker-compose.yml and the Dockerfile's CMD are real flags."""
+    import dockerfile
+
+    from server.cli import build_parser
+
+    (container,) = by_kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    compose = load_yaml(REPO / "docker-compose.yml")["services"]["specd"]["command"]
+    (cmd,) = [c for c in dockerfile.parse_file(str(REPO / "Dockerfile")) if c.cmd == "CMD"]
+    for argv in (container["args"], compose, list(cmd.value)):
+        args = build_parser().parse_args(argv)
+        assert args.command == "serve" and args.host == "0.0.0.0" and args.port == 8000, argv
+        assert args.log_format == "json", argv
