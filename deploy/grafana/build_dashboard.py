@@ -101,7 +101,7 @@ SPECULATION = [
           "Distribution over finished requests of their mean tokens per step."),
     Panel("Per-request acceptance length distribution", "short",
           [(f"sum by (le) (increase({sel('specd_spec_request_acceptance_length_bucket')}[{RI}]))", "{{le}}")],
-          "Finished requests per acceptance-length bucket (heatmap).", kind="heatmap",
+          "Finished requests per acceptance-length bucket (heatmap).", kind="heatmap", width=24,
           options={"calculate": False, "yAxis": {"unit": TOK_STEP}, "cellGap": 1,
                    "color": {"mode": "scheme", "scheme": "Greens", "exponent": 0.5}}),
 ]
@@ -137,7 +137,7 @@ SERVING = [
     Panel("Batch size", "short",
           [(f"sum ({rate('specd_batch_size_sum')})\n  / sum ({rate('specd_batch_size_count')})", "mean"),
            (f"sum ({rate('specd_steps_total')})", "steps/s")],
-          "Mean requests per engine step, and engine steps per second."),
+          "Mean requests per engine step, and engine steps per second.", width=24),
 ]
 
 
