@@ -77,9 +77,9 @@ def train(params: list[torch.Tensor], objective: Objective, train_examples: list
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             result.evals.append({"step": done, **objective.evaluate(params, eval_examples)})

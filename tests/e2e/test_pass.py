@@ -1,0 +1,174 @@
+"""PaSS end to end on the tiny random Llama: training data, trainer, artifacts, engine and server.
+
+- the training forward (engine/train/frozen.py) gives the serving runner's look-ahead logits;
+- `specd train data` resumes an interrupted file to the same records;
+- a short training run lowers the loss, is deterministic under its seed, and resuming from a
+  checkpoint gives the same embeddings as an uninterrupted run;
+- an artifact of another model, or none at all, fails loudly (engine and `specd serve`);
+- over HTTP, per-request `speculative.method = "pass"` is served and equals `none` (greedy).
+The real-model lossless tests are in test_spec_lossless.py (fused, the default) and at the end here
+(two_call).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.spec.base import chain
+from engine.train.artifact import ArtifactError, save_artifact, weight_fingerprint
+from engine.train.config import DataConfig, TrainConfig
+from engine.types import EngineRequest, Request, SamplingParams, ScheduledRequest, SchedulerOutput, SpecParams
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """Random (seeded) look-ahead embeddings for the tiny model: any embeddings are lossless."""
+    embeds = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    return save_artifact(tmp_path_factory.mktemp("pass") / "tiny.safetensors", {"lookahead": embeds}, method="pass",
+                         base_model="tiny", base_model_hash=weight_fingerprint(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def calm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its layer weights halved: its text has structure (runs of a token, then
+    another), so a drafter has something to learn, unlike the pure noise of the default tiny model."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_tiny_model(tmp_path_factory.mktemp("calm"), tiny_model_dir, seed=0)
+    weights = load_file(str(path / "model.safetensors"))
+    weights = {k: v * 0.5 if v.dim() > 1 and "embed" not in k else v for k, v in weights.items()}
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(calm_model_dir, tmp_path_factory) -> Path:
+    from engine.train.data import generate_data
+
+    out = tmp_path_factory.mktemp("data") / "data.jsonl"
+    generate_data(str(calm_model_dir), out, DataConfig(num_prompts=12, max_tokens=40, batch=6),
+                  Path(__file__).resolve().parents[1] / "data", progress=False)
+    return out
+
+
+def test_training_forward_matches_the_serving_look_ahead_rows(tiny_model_dir):
+    from engine.train.frozen import FrozenLlama
+    from engine.train.pass_ import lookahead_logits
+
+    runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 256),
+                         linear_backend="dense")
+    embeds = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    runner.set_lookahead(embeds)
+    prompt = list(range(100, 110))
+    r = Request("r", prompt, len(prompt), SamplingParams(), block_ids=list(range(8)))
+    runner.execute(SchedulerOutput([ScheduledRequest(r, 9)]))
+    r.num_computed_tokens = 9
+    out = runner.execute(SchedulerOutput([ScheduledRequest(r, 1, chain([7, 8]), max_draft_tokens=5,
+                                                           num_lookahead=3)]))
+    frozen = FrozenLlama(tiny_model_dir)
+    expected = lookahead_logits(frozen, frozen.prefix(prompt + [7, 8]), embeds, torch.tensor([11]))[0]
+    torch.testing.assert_close(out.lookahead_logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_data_resumes_to_the_same_records(calm_model_dir, tiny_data, tmp_path):
+    from engine.train.data import generate_data, read_records
+
+    lines = tiny_data.read_text().splitlines(keepends=True)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(lines[:5]) + lines[5][:40])  # meta + 4 records + a torn write
+    n = generate_data(str(calm_model_dir), partial, DataConfig(num_prompts=12, max_tokens=40, batch=6),
+                      Path(__file__).resolve().parents[1] / "data", progress=False)
+    full_meta, full = read_records(tiny_data)
+    _, resumed = read_records(partial)
+    assert n == len(full) == len(resumed) >= 10
+    assert sorted((r.record_id, r.mode, r.output_ids) for r in resumed) == \
+        sorted((r.record_id, r.mode, r.output_ids) for r in full)
+    assert {r.mode for r in full} == {"greedy", "sample"}
+    assert full_meta["base_model_hash"] == weight_fingerprint(calm_model_dir)
+
+
+def _train(model_dir, tiny_data, steps=12, checkpoint=None, seed=0):
+    from engine.train.data import read_records
+    from engine.train.frozen import FrozenLlama
+    from engine.train.pass_ import PassObjective, init_embeddings
+    from engine.train.trainer import train
+
+    _, records = read_records(tiny_data)
+    frozen = FrozenLlama(model_dir)
+    embeds = init_embeddings(frozen, 3)
+    result = train([embeds], PassObjective(frozen, roots_per_example=16, eval_roots=16), records, records[:6],
+                   TrainConfig(steps=steps, lr=3e-2, eval_every=steps, checkpoint_every=4, seed=seed),
+                   checkpoint, progress=False)
+    return embeds, result
+
+
+def test_training_lowers_the_loss_deterministically(calm_model_dir, tiny_data):
+    embeds, result = _train(calm_model_dir, tiny_data)
+    before, after = result.evals[0], result.evals[-1]
+    assert after["step"] == 12 and after["loss"] < before["loss"] - 0.1, (before, after)
+    again, _ = _train(calm_model_dir, tiny_data)
+    assert torch.equal(embeds, again)
+    other, _ = _train(calm_model_dir, tiny_data, seed=1)
+    assert not torch.equal(embeds, other)
+
+
+def test_resuming_a_checkpoint_equals_an_uninterrupted_run(calm_model_dir, tiny_data, tmp_path, monkeypatch):
+    from engine.train.pass_ import PassObjective
+
+    uninterrupted, _ = _train(calm_model_dir, tiny_data)
+    real_loss, calls = PassObjective.loss, []
+
+    def crash_at_step_7(self, *args):
+        calls.append(None)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(PassObjective, "loss", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        _train(calm_model_dir, tiny_data, checkpoint=tmp_path / "ckpt.pt")
+    monkeypatch.setattr(PassObjective, "loss", real_loss)
+    resumed, result = _train(calm_model_dir, tiny_data, checkpoint=tmp_path / "ckpt.pt")  # from step 4
+    assert len(result.losses) == 12
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_engine_refuses_a_wrong_or_missing_artifact(tiny_model_dir, tmp_path_factory, tiny_artifact):
+    from engine.engine import LLMEngine
+
+    other = make_tiny_model(tmp_path_factory.mktemp("other"), tiny_model_dir, seed=5)
+    cache = CacheConfig(num_tokens=1024)
+    with pytest.raises(ArtifactError, match="trained for base model 'tiny'"):
+        LLMEngine(EngineConfig(model=str(other), spec="pass", pass_artifact=str(tiny_artifact), cache=cache))
+    with pytest.raises(ValueError, match="needs look-ahead embeddings"):
+        LLMEngine(EngineConfig(model=str(other), spec="pass", cache=cache))
+    engine = LLMEngine(EngineConfig(model=str(other), spec="none", cache=cache))
+    with pytest.raises(ValueError, match="no PaSS artifact is loaded"):
+        engine.add_request(EngineRequest("x", [1, 2], SamplingParams(), SpecParams(method="pass")))
+
+
+def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_model_dir, tmp_path_factory, tiny_artifact):
+    other = make_tiny_model(tmp_path_factory.mktemp("other-serve"), tiny_model_dir, seed=6)
+    with pytest.raises(RuntimeError, match="trained for base model"):
+        start_server("--spec", "pass", "--pass-artifact", str(tiny_artifact), model_dir=other)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_call"])
+def test_pass_over_http_equals_none(start_server, tiny_artifact, mode):
+    server = start_server("--pass-artifact", str(tiny_artifact), "--pass-mode", mode, "--no-spec-adaptive")
+    outs = {}
+    for method in ("none", "pass"):
+        body = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+                "speculative": {"method": method}}
+        resp = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        outs[method] = resp.json()
+    assert outs["pass"]["choices"][0]["text"] == outs["none"]["choices"][0]["text"]
+    spec = outs["pass"]["usage"]["speculative"]
+    assert spec["draft_tokens"] > 0, spec
