@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench bench-kernels clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ test-fast: install
 bench: install
 	$(PY) -m pip install -q -e ".[test,bench]"  # matplotlib, for the PNG charts beside the JSON
 	$(PY) benchmarks/serving.py
+
+bench-kernels: install  # GPU only (says so and exits 0 without CUDA)
+	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -256,7 +256,8 @@ def plan_attention(
                                block_size, num_queries_per_kv, int(max_q), int(max_kv), num_splits)
 
 
-def _tile_config(plan: TritonAttentionPlan, num_tokens: int, head_dim: int, num_kv_heads: int, device) -> dict:
+def launch_config(plan: TritonAttentionPlan, num_tokens: int, head_dim: int, num_kv_heads: int, device) -> dict:
+    """Tile sizes, split count and grid height the launcher uses for this plan (benchmarks report them)."""
     group_p = triton.next_power_of_2(plan.num_queries_per_kv)
     # Short requests (decode, verify) get one program per KV head: their K/V are read once.
     block_q = min(triton.next_power_of_2(max(plan.max_q_len, 1)), max(1, MAX_BLOCK_M // group_p))
@@ -270,13 +271,14 @@ def _tile_config(plan: TritonAttentionPlan, num_tokens: int, head_dim: int, num_
 
 
 def _num_splits(plan: TritonAttentionPlan, num_programs: int, device) -> int:
-    """Split the keys when the grid would leave most SMs idle and every split still gets many keys."""
+    """Split the keys when the grid would give the SMs fewer than two programs each, and every split
+    still gets MIN_SPLIT_KV keys. (A starting point: not tuned on a GPU yet.)"""
     if device.type != "cuda" or plan.max_q_len > 16 or plan.max_kv_len < 2 * MIN_SPLIT_KV:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if num_programs >= sms:
+    if num_programs >= 2 * sms:
         return 1
-    want = min(MAX_SPLITS, plan.max_kv_len // MIN_SPLIT_KV, max(1, 2 * sms // num_programs))
+    want = min(MAX_SPLITS, plan.max_kv_len // MIN_SPLIT_KV, triton.cdiv(4 * sms, num_programs))
     return 1 << (want.bit_length() - 1)
 
 
@@ -320,7 +322,7 @@ def paged_attention(
     if num_tokens == 0 or batch == 0:
         return out
     assert int(plan.cu_seqlens_q.shape[0]) == batch + 1
-    cfg = _tile_config(plan, num_tokens, head_dim, num_kv_heads, q.device)
+    cfg = launch_config(plan, num_tokens, head_dim, num_kv_heads, q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
     splits = cfg["NUM_SPLITS"]
     has_trees = plan.tree_mask is not None
