@@ -36,7 +36,7 @@ def _run(runner, draft):
     return runner.execute(SchedulerOutput(step)).logits, step
 
 
-def test_model_step_and_compaction_through_triton(tiny_model_dir, monkeypatch):
+def test_model_step_and_compaction_through_triton(tiny_model_dir, monkeypatch, device):
     cfg = ModelConfig.from_hf_dir(tiny_model_dir)
     x, y, z, w = 101, 202, 303, 404
     draft = DraftTree([x, y, z, w], [-1, -1, 1, 2])  # a sibling branch: the tree mask is exercised
@@ -44,11 +44,11 @@ def test_model_step_and_compaction_through_triton(tiny_model_dir, monkeypatch):
     runners, logits = [], []
     for name in ("ref", "triton"):
         monkeypatch.setattr(backend, "_backend", name)
-        runner = ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 64), linear_backend="dense")
+        runner = ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 64), device=device, linear_backend="dense")
         out, step = _run(runner, draft)
         runners.append(runner)
         logits.append(out)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1].cpu(), logits[0].cpu(), atol=1e-4, rtol=1e-4)
     num_layers = cfg.num_layers
     assert calls == {"paged_attention": 2 * num_layers, "store_kv": 2 * num_layers}  # triton's 2 steps only
 
@@ -64,7 +64,7 @@ def test_model_step_and_compaction_through_triton(tiny_model_dir, monkeypatch):
         runner.copy_kv_slots(flat(src), flat(dst))
         slots.append([torch.cat([k.view(-1), v.view(-1)]) for k, v in runner.kv_caches])
     for ref_layer, triton_layer in zip(*slots):
-        torch.testing.assert_close(triton_layer, ref_layer, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(triton_layer.cpu(), ref_layer.cpu(), atol=1e-5, rtol=1e-5)
     assert calls["copy_slots"] == num_layers
 
 
@@ -82,7 +82,7 @@ def _spy_on_kernels(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_verify_dispatches_to_the_kernel(monkeypatch):
+def test_verify_dispatches_to_the_kernel(monkeypatch, device):
     """`verify` on tensors the kernel backend takes runs kernels/rejection, with the same results:
     greedy requests exactly, sampled ones too where one-hot targets make sampling deterministic."""
     import engine.verifier as verifier
@@ -94,6 +94,7 @@ def test_verify_dispatches_to_the_kernel(monkeypatch):
         cu_rows.append(cu_rows[-1] + 1 + (len(tree) if tree else 0))
     target = torch.randint(0, 8, (cu_rows[-1],), generator=gen)
     target[[0, 1, 7, 8]] = torch.tensor([3, 4, 2, 2])  # make some paths long
+    target = target.to(device)
     probs = torch.nn.functional.one_hot(target, 8).float()
     ids = [str(i) for i in range(4)]
     greedy = [True, False, True, False]
