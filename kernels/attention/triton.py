@@ -249,8 +249,9 @@ def plan_attention(
         return TritonAttentionPlan(cu_seqlens_q, kv_lens, block_tables, None, None, block_size,
                                    num_queries_per_kv, 0, 0, num_splits)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    max_q, max_kv, min_ctx = torch.stack([q_lens.max(), kv_lens.max(), (kv_lens - q_lens).min()]).tolist()
-    if int(q_lens.min()) < 0 or min_ctx < 0:
+    max_q, max_kv, min_q, min_ctx = torch.stack(
+        [q_lens.max(), kv_lens.max(), q_lens.min(), (kv_lens - q_lens).min()]).tolist()  # one sync
+    if min_q < 0 or min_ctx < 0:
         raise ValueError("bad lengths: every request needs 0 <= q_len <= kv_len")
     return TritonAttentionPlan(cu_seqlens_q, kv_lens, block_tables.contiguous(), tree_mask, cu_tree_mask,
                                block_size, num_queries_per_kv, int(max_q), int(max_kv), num_splits)

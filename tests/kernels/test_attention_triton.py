@@ -116,3 +116,5 @@ def test_launcher_rejects_bad_inputs(device, force_triton):
         attention.paged_attention(q[..., :32], k, v, cu, kv, bt, scale)  # head_dim differs from the cache's
     with pytest.raises(AssertionError):
         attention.paged_attention(q, k, v, cu, kv, bt.long(), scale)  # int64 block tables
+    with pytest.raises(ValueError):
+        attention.paged_attention(q, k, v, cu, kv - 4, bt, scale)  # fewer keys than new tokens
