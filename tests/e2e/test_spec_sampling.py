@@ -3,11 +3,12 @@
 A tiny random Llama with a 4-token vocabulary makes the target distribution computable exactly:
 the joint law of the first 3 generated tokens at temperature 1 is enumerated over all 4^3
 continuations with HF transformers (fp32 forward, one softmax per step). Thousands of requests
-then sample through `LLMEngine` with `--spec none`, `ngram` and `jacobi` (64 per batch, so verify
-steps are batched and ragged), and a chi-square goodness-of-fit test compares the empirical joint
+then sample through `LLMEngine` with `--spec none`, `ngram`, `jacobi` and `pass` (64 per batch, so
+verify steps are batched and ragged), and a chi-square goodness-of-fit test compares the empirical joint
 with the exact one. Speculative runs use a long max_tokens (so the drafted chains/trees that decide
 tokens 2 and 3 are several nodes deep, with sibling branches for Jacobi) and abort each request
-once it has its 3 tokens.
+once it has its 3 tokens. PaSS drafts are *sampled* from its look-ahead rows' distributions q
+(seeded random embeddings here), so it exercises the verifier's non-one-hot q path end to end.
 
 The same statistic must catch a wrong rule: recovered tokens drawn from p instead of
 norm(max(p - q, 0)), and an acceptance test 10% too generous (min(1, 1.1 p / q)).
@@ -181,11 +182,20 @@ def exact(small_vocab_model) -> ExactLaw:
 
 
 @pytest.fixture(scope="module")
-def engine(small_vocab_model):
+def pass_artifact(small_vocab_model, tmp_path_factory):
+    from engine.train.artifact import save_artifact, weight_fingerprint
+
+    embeds = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    return save_artifact(tmp_path_factory.mktemp("pass") / "vocab4.safetensors", {"lookahead": embeds},
+                         method="pass", base_model="vocab4", base_model_hash=weight_fingerprint(small_vocab_model))
+
+
+@pytest.fixture(scope="module")
+def engine(small_vocab_model, pass_artifact):
     threads = torch.get_num_threads()
     # One thread: a 64-request step of this model is overhead-bound, and the CPU is shared.
     eng = LLMEngine(EngineConfig(model=str(small_vocab_model), spec="none", spec_adaptive=False,
-                                 num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1))
+                                 num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact)))
     assert eng.model_config.vocab_size == VOCAB
     yield eng
     torch.set_num_threads(threads)
@@ -237,7 +247,7 @@ def sample_first_tokens(engine: LLMEngine, method: str, num_samples: int, seed_b
     return out
 
 
-@pytest.mark.parametrize("method", ["none", "ngram", "jacobi"])
+@pytest.mark.parametrize("method", ["none", "ngram", "jacobi", "pass"])
 def test_first_three_tokens_follow_the_exact_distribution(engine, exact, method):
     samples = sample_first_tokens(engine, method, NUM_SAMPLES, seed_base=1_000_000)
     stat, df = chi_square(samples.counts, exact.joint())
@@ -263,6 +273,7 @@ def _accept_10pct_more(u, p_x, q_x):
 @pytest.mark.parametrize("method,wrong_rule,num_samples", [
     ("ngram", "residual_from_p", 2048),
     ("jacobi", "residual_from_p", 2048),
+    ("pass", "residual_from_p", 2048),
     ("jacobi", "accept_10pct_more", NUM_SAMPLES),
 ])
 def test_a_wrong_rejection_rule_is_caught(engine, exact, monkeypatch, method, wrong_rule, num_samples):
