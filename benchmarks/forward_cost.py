@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,7 +60,8 @@ def main() -> None:
     block_size = 16
     max_batch = max(args.batch)
     num_tokens = max_batch * (-(-(args.context + 64) // block_size)) * block_size
-    runner = ModelRunner(cfg, model_dir, CacheConfig(block_size, num_tokens), linear_backend=args.linear_backend)
+    runner = ModelRunner(cfg, model_dir, CacheConfig(block_size, num_tokens), dtype=args.dtype,
+                         linear_backend=args.linear_backend)
     print(f"model {model_dir.name}, linear backend {runner.model.linear_backend}, threads {torch.get_num_threads()}")
     for batch in args.batch:
         reqs = _requests(batch, args.context, block_size, cfg.vocab_size)

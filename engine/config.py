@@ -131,8 +131,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"dtype must be auto, fp32, bf16, fp16 or int8, not {self.dtype!r}")
         if self.spec not in SPEC_METHODS:
             raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
         if self.spec_layout not in ("ragged", "padded"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine.config import CacheConfig, ModelConfig
-from engine.models.llama import TORCH_DTYPES, AttentionMetadata, LlamaModel
+from engine.models.llama import ACTIVATION_DTYPES, AttentionMetadata, LlamaModel
 from engine.types import DraftTree, ModelOutput, ScheduledRequest, SchedulerOutput
 from kernels.attention import plan_attention
 from kernels.kv_cache_ops import copy_slots
@@ -123,7 +123,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
         self.dtype_name = dtype
-        self.dtype = TORCH_DTYPES[dtype]  # torch.dtype of weights, activations and KV cache
+        self.dtype = ACTIVATION_DTYPES[dtype]  # torch.dtype of weights, activations and KV cache
         self.model = LlamaModel.from_hf_dir(model_dir, model_config, device, dtype, linear_backend)
         self.lookahead: torch.Tensor | None = None  # [L, hidden] PaSS embeddings (set_lookahead)
         shape = (cache_config.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
+from engine.models.int8 import RowScaledInt8Linear, quantize_weight
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.kv_cache_ops import store_kv
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATION_DTYPES = {**TORCH_DTYPES, "int8": torch.float32}  # int8 weights, fp32 activations and KV
 
 
 @dataclass
@@ -113,7 +115,7 @@ class LlamaModel:
                  dtype: str = "fp32", linear_backend: str = "auto"):
         self.config = config
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = ACTIVATION_DTYPES[dtype]
         self.scale = config.head_dim**-0.5
         get = lambda name: weights[name].to(self.device, self.dtype)  # noqa: E731
         self.embed = get("model.embed_tokens.weight")  # [vocab, hidden]
@@ -122,10 +124,15 @@ class LlamaModel:
         self.lm_head = self.embed if tied else get("lm_head.weight")  # [vocab, hidden]
         self.layers = [self._load_layer(get, weights, i) for i in range(config.num_layers)]
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
-        self.linear_backend = self._choose_backend(linear_backend)
-        self._linear = _onednn_linear if self.linear_backend == "onednn" else _dense_linear
-        if self.linear_backend == "onednn":
-            self._pack_all()
+        self.linear_backend = "int8" if dtype == "int8" else self._choose_backend(linear_backend)
+        if self.linear_backend == "int8":
+            self._linear = RowScaledInt8Linear()
+            self._pack_all(quantize_weight)
+        elif self.linear_backend == "onednn":
+            self._linear = _onednn_linear
+            self._pack_all(_pack)
+        else:
+            self._linear = _dense_linear
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path, config: ModelConfig | None = None, device: str = "cpu",
@@ -163,12 +170,13 @@ class LlamaModel:
             log.info("oneDNN linear unavailable (%s); using F.linear", e)
             return "dense"
 
-    def _pack_all(self) -> None:
+    def _pack_all(self, pack) -> None:
+        """Replace every linear weight (and the lm_head) by the backend's packed form."""
         for layer in self.layers:
             for name in layer.linear_weights():
-                setattr(layer, name, _pack(getattr(layer, name)))
+                setattr(layer, name, pack(getattr(layer, name)))
         # The embedding lookup needs the dense matrix, so a tied lm_head gets its own packed copy.
-        self.lm_head = _pack(self.lm_head)
+        self.lm_head = pack(self.lm_head)
 
     # ------------------------------------------------------------------ forward
 

@@ -1,0 +1,122 @@
+"""int8 against fp32 on held-out Spec-Bench prompts: the quality bar `--dtype auto` depends on.
+
+For each prompt (chat-formatted, at most --max-len tokens) both models score every position
+teacher-forced: top-1 agreement of their next-token predictions, and the perplexity each gives
+the prompt text. Then both generate --gen-tokens greedily and we record the first position where
+the int8 output leaves the fp32 one (never = the whole continuation agrees).
+
+    .venv/bin/python benchmarks/int8_quality.py [--prompts 60] [--gen-tokens 64]
+
+Prints a table and one JSON line; writes benchmarks/results/int8_quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DATA, print_table  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.types import EngineRequest, Request, SamplingParams, ScheduledRequest, SchedulerOutput  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"top1_agreement": 0.98, "ppl_rel_diff": 0.02}
+
+
+def held_out_prompts(count: int) -> list[str]:
+    """Every k-th first-turn Spec-Bench prompt, so all categories are represented."""
+    rows = [json.loads(line) for line in (DATA / "spec_bench_prompts_first_turn.jsonl").read_text().splitlines()]
+    step = max(1, len(rows) // count)
+    return [r["prompt"] for r in rows[::step][:count]]
+
+
+def teacher_forced_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one sequence (one prefill; the engine is idle)."""
+    runner = engine.runner
+    block = engine.config.cache.block_size
+    req = Request("quality", list(token_ids), len(token_ids), SamplingParams(),
+                  block_ids=list(range(-(-len(token_ids) // block))))
+    inputs = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(req, len(token_ids))]))
+    hidden = runner.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, runner.kv_caches)
+    return runner.model.compute_logits(hidden)
+
+
+def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(f"g{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens)))
+    outputs: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    return [outputs[f"g{i}"] for i in range(len(prompts))]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--prompts", type=int, default=60)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    engines = {d: LLMEngine(EngineConfig(model=args.model, device="cpu", dtype=d, spec="none")) for d in ("fp32", "int8")}
+    tok = engines["fp32"].tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": p}])[: args.max_len] for p in held_out_prompts(args.prompts)]
+
+    agree = total = 0
+    nll = {"fp32": 0.0, "int8": 0.0}
+    t0 = time.time()
+    for ids in prompts:
+        logits = {d: teacher_forced_logits(e, ids)[:-1] for d, e in engines.items()}
+        targets = torch.tensor(ids[1:])
+        agree += int((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).sum())
+        total += len(targets)
+        for d, lg in logits.items():
+            nll[d] += float(torch.nn.functional.cross_entropy(lg, targets, reduction="sum"))
+    ppl = {d: math.exp(v / total) for d, v in nll.items()}
+
+    outs = {d: greedy(e, prompts, args.gen_tokens) for d, e in engines.items()}
+    divergence = [first_divergence(a, b) for a, b in zip(outs["fp32"], outs["int8"])]
+    diverged = sorted(d for d in divergence if d is not None)
+    buckets = {"0-7": 0, "8-15": 0, "16-31": 0, f"32-{args.gen_tokens - 1}": 0, "never": 0}
+    for d in divergence:
+        key = "never" if d is None else "0-7" if d < 8 else "8-15" if d < 16 else "16-31" if d < 32 else f"32-{args.gen_tokens - 1}"
+        buckets[key] += 1
+
+    result = {
+        "prompts": len(prompts), "positions": total,
+        "top1_agreement": agree / total,
+        "ppl_fp32": ppl["fp32"], "ppl_int8": ppl["int8"],
+        "ppl_rel_diff": ppl["int8"] / ppl["fp32"] - 1,
+        "greedy_tokens": args.gen_tokens,
+        "first_divergence_median": diverged[len(diverged) // 2] if diverged else None,
+        "first_divergence_buckets": buckets,
+        "seconds": round(time.time() - t0, 1),
+    }
+    result["meets_bar"] = (result["top1_agreement"] >= TARGETS["top1_agreement"]
+                           and abs(result["ppl_rel_diff"]) <= TARGETS["ppl_rel_diff"])
+    print_table([{"metric": k, "value": v} for k, v in result.items() if k != "first_divergence_buckets"],
+                ["metric", "value"])
+    print("first divergence of greedy outputs (position: prompts):", buckets)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "int8_quality.json").write_text(json.dumps(result) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""int8 linear layers: per-row activation scales make every row independent of the rest of the batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.models.int8 import RowScaledInt8Linear, dequantize_weight, quantize_weight
+
+
+def _inputs(rows: int, width: int, seed: int) -> torch.Tensor:
+    """Rows whose magnitudes differ by orders of magnitude, as hidden states of different tokens do."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=gen)
+    return x * torch.logspace(-3, 2, rows)[torch.randperm(rows, generator=gen)][:, None]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=gen) * 0.1
+    bias = torch.randn(96, generator=gen)
+    return weight, bias
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_each_row_is_bit_identical_alone_and_in_any_batch(layer, with_bias):
+    weight, bias = layer
+    bias = bias if with_bias else None
+    packed = quantize_weight(weight)
+    linear = RowScaledInt8Linear()
+    x = _inputs(16, 64, 1)
+    x[5] = 0.0  # an all-zero row must not poison the others (or itself)
+    batched = linear(x, packed, bias)
+    for i in range(16):
+        assert torch.equal(linear(x[i : i + 1], packed, bias), batched[i : i + 1]), f"row {i} differs alone"
+    # In another company: the same row next to rows 100x larger gives the same bits.
+    crowd = torch.cat([x[3:4], _inputs(7, 64, 2) * 100])
+    assert torch.equal(linear(crowd, packed, bias)[0], batched[3])
+    assert torch.equal(batched[5], torch.zeros(96) if bias is None else bias)
+
+
+def test_close_to_fp32_and_to_its_own_dequantized_weights(layer):
+    weight, bias = layer
+    packed = quantize_weight(weight)
+    x = _inputs(16, 64, 3)
+    ours = RowScaledInt8Linear()(x, packed, bias)
+    exact = F.linear(x, weight, bias)
+    row_err = (ours - exact).norm(dim=1) / exact.norm(dim=1)
+    assert row_err.max() < 0.03, row_err  # 7-bit activations, 8-bit per-channel weights
+    wq = dequantize_weight(packed)
+    assert (wq - weight).abs().max() <= weight.abs().amax(1).max() / 127 / 2 + 1e-6
+
+
+def test_buffers_grow_and_are_reused(layer):
+    weight, _ = layer
+    packed = quantize_weight(weight)
+    linear = RowScaledInt8Linear()
+    small = linear(_inputs(2, 64, 4), packed, None)
+    big_x = _inputs(300, 64, 5)
+    big = linear(big_x, packed, None)
+    assert big.shape == (300, 96) and small.shape == (2, 96)
+    assert torch.equal(linear(big_x[:2], packed, None), big[:2])
