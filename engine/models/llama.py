@@ -49,9 +49,12 @@ def _dense_linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default  # the overload: no per-call Python dispatch checks
+
+
 def _onednn_linear(x, weight, bias):
     # weight was packed by torch.ops.mkldnn._reorder_linear_weight; x stays a plain dense tensor.
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
