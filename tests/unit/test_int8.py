@@ -61,3 +61,28 @@ def test_buffers_grow_and_are_reused(layer):
     big = linear(big_x, packed, None)
     assert big.shape == (300, 96) and small.shape == (2, 96)
     assert torch.equal(linear(big_x[:2], packed, None), big[:2])
+
+
+def test_int8_model_rows_are_identical_alone_and_in_a_ragged_batch(tiny_model_dir):
+    """A whole int8 forward: each request's logits have the same bits alone or batched with others
+    (decode rows of different context lengths, the case speculation and continuous batching create)."""
+    from engine.config import CacheConfig, ModelConfig
+    from engine.model_runner import ModelRunner
+    from engine.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput
+
+    runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 1024), dtype="int8")
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (5, 19, 33, 12)]
+    next_block = iter(range(256))
+
+    def prefilled(i, p):
+        r = Request(f"r{i}", p + [11], len(p), SamplingParams(), block_ids=[next(next_block) for _ in range(12)])
+        runner.execute(SchedulerOutput([ScheduledRequest(r, len(p))]))
+        r.num_computed_tokens = len(p)
+        return r
+
+    reqs = [prefilled(i, p) for i, p in enumerate(prompts)]
+    alone = [runner.execute(SchedulerOutput([ScheduledRequest(r, 1)])).logits for r in reqs]
+    batched = runner.execute(SchedulerOutput([ScheduledRequest(r, 1) for r in reqs])).logits
+    for i, row in enumerate(alone):
+        assert torch.equal(batched[i : i + 1], row), f"request {i}: batched logits differ from alone"
