@@ -114,7 +114,9 @@ class KVCacheManager:
                 raise KVCacheError(f"request {request.request_id} frees block {block_id} "
                                    f"owned by {owner_id}")
             seen.add(block_id)
-        for block_id in block_ids:
+        # Pushed last-first so the next allocation pops them in their old order: a request that
+        # reuses them gets consecutive blocks, which attention reads as a view instead of a gather.
+        for block_id in reversed(block_ids):
             self._owner_ids[block_id] = None
             self._free_block_ids.append(block_id)
 

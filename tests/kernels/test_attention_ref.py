@@ -41,7 +41,9 @@ def _dense_reference(q, keys, values, q_lens, kv_lens, trees, scale):
     return torch.cat(outs).float()
 
 
-def _run_case(q_lens, kv_lens, num_kv_heads, group, head_dim, tree_ids=(), block_size=16, seed=0):
+def _run_case(q_lens, kv_lens, num_kv_heads, group, head_dim, tree_ids=(), block_size=16, seed=0,
+              first_block=None):
+    """first_block: give the requests consecutive blocks from this id on instead of shuffled ones."""
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
     batch = len(q_lens)
@@ -51,6 +53,8 @@ def _run_case(q_lens, kv_lens, num_kv_heads, group, head_dim, tree_ids=(), block
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) * 5
     perm = torch.randperm(num_blocks, generator=gen).tolist()
+    if first_block is not None:
+        perm = [b % num_blocks for b in range(first_block, first_block + num_blocks)][::-1]
     max_blocks = max(blocks_per_req + [1]) + 1
     block_tables = torch.full((batch, max_blocks), -1, dtype=torch.int32)  # -1: unused entries
     keys, values = [], []
@@ -121,6 +125,19 @@ def test_paged_attention_random_batches(seed):
         q_lens[0], kv_lens[0] = 1, kv_lens[0] + 1
     block_size = [4, 16, 5][seed % 3]
     _run_case(q_lens, kv_lens, 2, [1, 3, 4][seed % 3], 16, tuple(tree_ids), block_size=block_size, seed=seed)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("first_block", [0, 2, 3, 4])  # 3: the view would overrun the cache
+def test_single_request_in_consecutive_blocks(q_len, first_block):
+    """One request in consecutive blocks reads its keys as a view of the cache (no gather); near the
+    end of the cache, where the padded view would overrun it, it falls back to the gather."""
+    kv_len = 40  # 3 blocks of 16, padded to 64 keys: from block 4 of 6 the view would overrun
+    tables = torch.arange(first_block, first_block + 4, dtype=torch.int32)[None] % 6
+    plan = plan_attention(torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([kv_len], dtype=torch.int32),
+                          tables, 16, 3)
+    assert plan.batched.kv_first_slot == (first_block * 16 if first_block + 3 <= 6 else None)
+    _run_case([q_len], [kv_len], 1, 3, 16, block_size=16, seed=first_block, first_block=first_block)
 
 
 def test_plan_is_reusable_across_layers():
