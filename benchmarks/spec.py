@@ -1,4 +1,4 @@
-"""Speculation benchmark: none / ngram / jacobi x concurrency x layout (ragged / padded), one run.
+"""Speculation benchmark: none / ngram / jacobi / pass x concurrency x layout (ragged / padded), one run.
 
 Spec-Bench first-turn prompts (N per category) plus code-editing prompts (a Python standard-library
 function and a request to rewrite it: the case prompt lookup is made for), greedy, chat-templated.
@@ -8,6 +8,13 @@ mean acceptance length, per category; latency percentiles overall) and one JSON 
 the JSON to --out with PNG charts beside it (speedup by concurrency per method, latency percentiles).
 
     .venv/bin/python benchmarks/spec.py [--per-category 10] [--concurrency 1 4 8 16] [--max-tokens 128]
+
+PaSS variants (`--pass-variants trained:two_call untrained:fused ...`): look-ahead embeddings and
+mode are server settings, so each variant gets its own ragged server and its rows are labelled
+`pass[<embeddings>,<mode>]`; `pass` alone is the server default (the committed trained artifact,
+the default mode). `untrained` = every embedding the model's mean token embedding (the trainer's
+starting point). Each variant server measures `none` and `pass` side by side in ABBA order and its
+speedups are over its own `none`; the other rows' are over `none` on the main ragged server.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import asyncio
 import inspect
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_load,  # noqa: E402
                                write_results)
 
-METHODS = ("none", "ngram", "jacobi")
+METHODS = ("none", "ngram", "jacobi", "pass")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,6 +53,24 @@ def code_edit_prompts(count: int) -> list[dict]:
 def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: int, layout: str) -> list[dict]:
     extra = {"speculative": {"method": method}}
     timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
+    return summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")
+
+
+def measure_side_by_side(server: Server, prompts, concurrency: int, max_tokens: int, label: str) -> list[dict]:
+    """`none` and `pass` on one server in ABBA order (none, pass, pass, none), so the drifting load
+    of a shared machine weighs on both alike; each method's rows pool its two rounds."""
+    runs = {"none": ([], 0.0), "pass": ([], 0.0)}
+    for method in ("none", "pass", "pass", "none"):
+        extra = {"speculative": {"method": method}}
+        timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
+        runs[method] = (runs[method][0] + timings, runs[method][1] + wall)
+    return [row for method, (timings, wall) in runs.items()
+            for row in summarize(timings, wall, layout="ragged", method=label if method == "pass" else "none",
+                                 concurrency=concurrency, server=label)]
+
+
+def summarize(timings, wall: float, **labels) -> list[dict]:
+    """Rows per category ("all" first): tok/s, mean acceptance length, latency percentiles."""
     rows = []
     by_cat = defaultdict(list)
     for t in timings:
@@ -55,9 +81,9 @@ def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: 
         steps = sum(s.get("steps", 0) for s in spec)
         accepted = sum(s.get("accepted_tokens", 0) for s in spec)
         rows.append({
-            "layout": layout, "method": method, "concurrency": concurrency, "category": category,
+            **labels, "category": category,
             # "all" is aggregate throughput over the wall time; a category's is its requests' own rate.
-            "tok_s": tokens / wall if category == "all" else tokens / sum(t.e2e for t in ts) * concurrency,
+            "tok_s": tokens / wall if category == "all" else tokens / sum(t.e2e for t in ts) * labels["concurrency"],
             "mean_accept_len": (steps + accepted) / steps if steps else 0.0,
             "requests": len(ts),
             **(latency_summary(ts) if category == "all" else {}),
@@ -66,11 +92,31 @@ def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    base = {(r["concurrency"], r["category"]): r["tok_s"]
+    """Over `none` on the same server (PaSS variants measure their own) at the same concurrency."""
+    base = {(r["server"], r["concurrency"], r["category"]): r["tok_s"]
             for r in rows if r["method"] == "none" and r["layout"] == "ragged"}
     for r in rows:
-        ref = base.get((r["concurrency"], r["category"]))
+        ref = base.get((r["server"], r["concurrency"], r["category"]))
         r["speedup"] = r["tok_s"] / ref if ref else float("nan")
+
+
+def pass_variant_servers(variants: list[str], server_args: list[str], tmp: Path):
+    """(label, serve flags) per `embeddings:mode[:L]` variant; embeddings = trained | untrained | a path,
+    L (optional) sets the look-ahead rows (--pass-lookahead)."""
+    from engine.spec.lookahead import default_artifact_path
+    from engine.train.pass_ import write_untrained_artifact
+
+    trained = default_artifact_path("SmolLM2-135M-Instruct")
+    for variant in variants:
+        embeddings, mode, *cap = variant.split(":")
+        if embeddings == "trained":
+            path = trained
+        elif embeddings == "untrained":
+            path = write_untrained_artifact("SmolLM2-135M-Instruct", tmp / "untrained.safetensors", like=trained)
+        else:
+            path = Path(embeddings)
+        flags = ["--pass-artifact", str(path), "--pass-mode", mode, *server_args]
+        yield f"pass[{','.join([embeddings, mode, *cap])}]", flags + (["--pass-lookahead", cap[0]] if cap else [])
 
 
 def main() -> None:
@@ -79,8 +125,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--layouts", nargs="+", default=["ragged", "padded"])
+    ap.add_argument("--layouts", nargs="*", default=["ragged", "padded"], help="main servers (none: PaSS variants only)")
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
+    ap.add_argument("--pass-variants", nargs="*", default=[],
+                    help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call : L)")
     ap.add_argument("--out", type=Path, default=RESULTS / "spec.json", help="result JSON; PNG charts go beside it")
     args = ap.parse_args()
 
@@ -94,8 +142,14 @@ def main() -> None:
                     if layout == "padded" and method == "none":
                         continue  # no drafts, nothing to pad
                     rows += measure(server, prompts, method, concurrency, args.max_tokens, layout)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, flags in pass_variant_servers(args.pass_variants, args.server_args.split(), Path(tmp)):
+            with Server("--kv-cache-tokens", "32768", *flags) as server:
+                asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
+                for concurrency in args.concurrency:
+                    rows += measure_side_by_side(server, prompts, concurrency, args.max_tokens, label)
     add_speedups(rows)
-    print_table(rows, ["layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
+    print_table(rows, ["server", "layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
     write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": rows},
                   args.out)

@@ -121,6 +121,10 @@ class EngineConfig:
     """PaSS look-ahead embeddings (default: artifacts/pass/<model name>.safetensors when present)."""
     pass_mode: str = "fused"
     """fused (look-ahead rows ride in the verify pass) | two_call (the paper's draft, then verify)."""
+    pass_lookahead: int = 1
+    """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 1 by
+    measurement for the default model: its 2nd look-ahead draft is right after a right 1st one for
+    under 2% of held-out roots (artifacts/README.md)."""
     cache_dir: str | None = None
     """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
     num_threads: int | None = None
@@ -139,6 +143,8 @@ class EngineConfig:
             raise ValueError(f"spec_layout must be ragged or padded, not {self.spec_layout!r}")
         if self.pass_mode not in PASS_MODES:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
+        if self.pass_lookahead < 1:
+            raise ValueError("pass_lookahead must be >= 1")
         if self.spec == "pass" and self.spec_layout == "padded":
             raise ValueError("--spec pass is not available with --spec-layout padded")
         if not 0 <= self.num_draft_tokens <= 64:

@@ -155,4 +155,5 @@ def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
     if not config.pass_artifact and not path.is_file():
         return None
     artifact = load_artifact(path, "pass", model_dir=model_dir)
-    return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, config.num_draft_tokens)
+    max_lookahead = min(config.pass_lookahead, config.num_draft_tokens) or 1
+    return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, max_lookahead)

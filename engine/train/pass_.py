@@ -30,7 +30,32 @@ IGNORE = -100
 
 def init_embeddings(frozen: FrozenLlama, num_lookahead: int) -> torch.Tensor:
     """[L, hidden]: every row the mean token embedding."""
-    return frozen.embed.mean(dim=0, keepdim=True).repeat(num_lookahead, 1).clone()
+    return mean_embedding_rows(frozen.embed, num_lookahead)
+
+
+def mean_embedding_rows(embed: torch.Tensor, num_lookahead: int) -> torch.Tensor:
+    """embed # [vocab, hidden] -> [L, hidden], every row the mean token embedding."""
+    return embed.float().mean(dim=0, keepdim=True).repeat(num_lookahead, 1).clone()
+
+
+def write_untrained_artifact(model: str, out: str | Path, num_lookahead: int | None = None,
+                             like: str | Path | None = None) -> Path:
+    """The untrained baseline as an artifact (L from `like`'s header when not given)."""
+    from safetensors import safe_open
+
+    from engine.models.loader import model_name, resolve_model_dir
+    from engine.train.artifact import read_header, save_artifact, weight_fingerprint
+
+    model_dir = resolve_model_dir(model)
+    if num_lookahead is None:
+        num_lookahead = read_header(like)["num_lookahead"] if like is not None else 4
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                embed = f.get_tensor("model.embed_tokens.weight")
+    return save_artifact(out, {"lookahead": mean_embedding_rows(embed, num_lookahead)}, method="pass",
+                         base_model=model_name(model), base_model_hash=weight_fingerprint(model_dir),
+                         num_lookahead=num_lookahead, untrained=True)
 
 
 def group_mask(roots: torch.Tensor, num_tokens: int, num_lookahead: int) -> torch.Tensor:

@@ -172,3 +172,31 @@ def test_pass_over_http_equals_none(start_server, tiny_artifact, mode):
     assert outs["pass"]["choices"][0]["text"] == outs["none"]["choices"][0]["text"]
     spec = outs["pass"]["usage"]["speculative"]
     assert spec["draft_tokens"] > 0, spec
+
+
+# ---------------------------------------------------------------- the real model, two-call mode
+
+
+@pytest.mark.real_model
+def test_two_call_greedy_equals_none_alone_and_mixed(default_model_dir):
+    """The paper's two-call mode (fused, the default, is in test_spec_lossless.py): token-identical
+    to `none` alone and in a batch mixed with every other method (near-tie rule as there)."""
+    from engine.engine import LLMEngine
+    from tests.e2e.test_spec_lossless import assert_lossless, code_prompts, request, run, spec_bench_prompts
+
+    engine = LLMEngine(EngineConfig(model=str(default_model_dir), spec="none", spec_adaptive=False,
+                                    pass_mode="two_call", cache=CacheConfig(num_tokens=16384)))
+    short, _ = spec_bench_prompts()
+    texts = short[:4] + code_prompts()[:2]
+    prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    ref = [run(engine, [request(f"ref{i}", p, "none", logprobs=2)])[f"ref{i}"] for i, p in enumerate(prompts)]
+    drafted = accepted = 0
+    for i, p in enumerate(prompts):
+        got = run(engine, [request(f"pass{i}", p, "pass")])[f"pass{i}"]
+        assert_lossless(ref[i], got["tokens"], f"two_call prompt {i}")
+        drafted, accepted = drafted + got["spec"].draft_tokens, accepted + got["spec"].accepted_tokens
+    assert drafted > 0 and accepted > 0
+    methods = ["pass", "none", "ngram", "jacobi", "pass", "pass"]
+    results = run(engine, [request(f"mix{i}", p, methods[i]) for i, p in enumerate(prompts)])
+    for i in range(len(prompts)):
+        assert_lossless(ref[i], results[f"mix{i}"]["tokens"], f"two_call mixed, prompt {i} ({methods[i]})")
