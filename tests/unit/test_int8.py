@@ -47,7 +47,7 @@ def test_close_to_fp32_and_to_its_own_dequantized_weights(layer):
     ours = RowScaledInt8Linear()(x, packed, bias)
     exact = F.linear(x, weight, bias)
     row_err = (ours - exact).norm(dim=1) / exact.norm(dim=1)
-    assert row_err.max() < 0.03, row_err  # 7-bit activations, 8-bit per-channel weights
+    assert row_err.max() < 0.01, row_err  # two-pass (~13-bit) activations, 8-bit per-channel weights
     wq = dequantize_weight(packed)
     assert (wq - weight).abs().max() <= weight.abs().amax(1).max() / 127 / 2 + 1e-6
 
