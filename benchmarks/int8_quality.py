@@ -1,9 +1,10 @@
 """int8 against fp32 on held-out Spec-Bench prompts: the quality bar `--dtype auto` depends on.
 
-For each prompt (chat-formatted, at most --max-len tokens) both models score every position
-teacher-forced: top-1 agreement of their next-token predictions, and the perplexity each gives
-the prompt text. Then both generate --gen-tokens greedily and we record the first position where
-the int8 output leaves the fp32 one (never = the whole continuation agrees).
+For each prompt (chat-formatted, at most --max-len tokens) the fp32 model generates --gen-tokens
+greedily; both models then score prompt + continuation teacher-forced: top-1 agreement of their
+next-token predictions (reported on the prompt text, on the generated positions, and over both),
+and the perplexity each gives the human-written prompt text. The int8 model also generates, and we
+record the first position where its output leaves the fp32 one (never = it all agrees).
 
     .venv/bin/python benchmarks/int8_quality.py [--prompts 60] [--gen-tokens 64]
 
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, print_table  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.types import EngineRequest, Request, SamplingParams, ScheduledRequest, SchedulerOutput  # noqa: E402
 
@@ -74,23 +75,33 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    engines = {d: LLMEngine(EngineConfig(model=args.model, device="cpu", dtype=d, spec="none")) for d in ("fp32", "int8")}
+    # KV room for every prompt and its continuation at once: a preempted request would be recomputed.
+    cache = CacheConfig(num_tokens=args.prompts * (args.max_len + args.gen_tokens + 16))
+    engines = {d: LLMEngine(EngineConfig(model=args.model, device="cpu", dtype=d, spec="none", cache=cache))
+               for d in ("fp32", "int8")}
     tok = engines["fp32"].tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}])[: args.max_len] for p in held_out_prompts(args.prompts)]
 
-    agree = total = 0
-    nll = {"fp32": 0.0, "int8": 0.0}
-    t0 = time.time()
-    for ids in prompts:
-        logits = {d: teacher_forced_logits(e, ids)[:-1] for d, e in engines.items()}
-        targets = torch.tensor(ids[1:])
-        agree += int((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).sum())
-        total += len(targets)
-        for d, lg in logits.items():
-            nll[d] += float(torch.nn.functional.cross_entropy(lg, targets, reduction="sum"))
-    ppl = {d: math.exp(v / total) for d, v in nll.items()}
-
     outs = {d: greedy(e, prompts, args.gen_tokens) for d, e in engines.items()}
+
+    # Teacher forcing along prompt + fp32 greedy continuation: agreement on the human-written prompt
+    # text and on the positions the model itself generates; perplexity of the prompt text.
+    agree = {"prompt": 0, "generated": 0}
+    total = {"prompt": 0, "generated": 0}
+    nll = {"fp32": 0.0, "int8": 0.0}
+    for ids, cont in zip(prompts, outs["fp32"]):
+        seq = ids + cont
+        logits = {d: teacher_forced_logits(e, seq)[:-1] for d, e in engines.items()}
+        same = logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)
+        split = len(ids) - 1  # rows before it predict prompt tokens, from it on the continuation
+        for part, rows in (("prompt", same[:split]), ("generated", same[split:])):
+            agree[part] += int(rows.sum())
+            total[part] += len(rows)
+        targets = torch.tensor(ids[1:])
+        for d, lg in logits.items():
+            nll[d] += float(torch.nn.functional.cross_entropy(lg[:split], targets, reduction="sum"))
+    ppl = {d: math.exp(v / total["prompt"]) for d, v in nll.items()}
+
     divergence = [first_divergence(a, b) for a, b in zip(outs["fp32"], outs["int8"])]
     diverged = sorted(d for d in divergence if d is not None)
     buckets = {"0-7": 0, "8-15": 0, "16-31": 0, f"32-{args.gen_tokens - 1}": 0, "never": 0}
@@ -99,8 +110,10 @@ def main() -> None:
         buckets[key] += 1
 
     result = {
-        "prompts": len(prompts), "positions": total,
-        "top1_agreement": agree / total,
+        "prompts": len(prompts), "positions_prompt": total["prompt"], "positions_generated": total["generated"],
+        "top1_agreement": (agree["prompt"] + agree["generated"]) / (total["prompt"] + total["generated"]),
+        "top1_agreement_prompt_text": agree["prompt"] / total["prompt"],
+        "top1_agreement_generated": agree["generated"] / total["generated"],
         "ppl_fp32": ppl["fp32"], "ppl_int8": ppl["int8"],
         "ppl_rel_diff": ppl["int8"] / ppl["fp32"] - 1,
         "greedy_tokens": args.gen_tokens,
@@ -108,7 +121,9 @@ def main() -> None:
         "first_divergence_buckets": buckets,
         "seconds": round(time.time() - t0, 1),
     }
-    result["meets_bar"] = (result["top1_agreement"] >= TARGETS["top1_agreement"]
+    # The bar holds on both kinds of text, not on their mixture.
+    result["meets_bar"] = (min(result["top1_agreement_prompt_text"], result["top1_agreement_generated"])
+                           >= TARGETS["top1_agreement"]
                            and abs(result["ppl_rel_diff"]) <= TARGETS["ppl_rel_diff"])
     print_table([{"metric": k, "value": v} for k, v in result.items() if k != "first_divergence_buckets"],
                 ["metric", "value"])
