@@ -119,8 +119,9 @@ class EngineConfig:
     """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
     pass_artifact: str | None = None
     """PaSS look-ahead embeddings (default: artifacts/pass/<model name>.safetensors when present)."""
-    pass_mode: str = "fused"
-    """fused (look-ahead rows ride in the verify pass) | two_call (the paper's draft, then verify)."""
+    pass_mode: str = "two_call"
+    """two_call (the paper's draft, then verify) | fused (look-ahead rows ride in the verify pass).
+    two_call by measurement on the dev CPU (benchmarks/results/pass_cpu.txt)."""
     pass_lookahead: int = 1
     """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 1 by
     measurement for the default model: its 2nd look-ahead draft is right after a right 1st one for

@@ -24,7 +24,6 @@ from engine.config import EngineConfig
 from engine.sampler import apply_logit_processors, compute_logprobs, get_generator, probs_from_logits
 from engine.spec.base import depths, path_to
 from engine.spec.controller import DraftController
-from engine.spec.lookahead import ROWS_PER_DRAFT
 from engine.spec.ngram import NgramProposer
 from engine.types import DraftTree, Request, ScheduledRequest, SchedulerOutput, TokenLogprob, VerifyResult
 from engine.verifier import emitted_rows, verify
@@ -152,6 +151,7 @@ class Speculator:
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
+        self._rows_per_draft = {m: p.rows_per_draft for m, p in self.proposers.items() if hasattr(p, "rows_per_draft")}
 
     @property
     def lookahead_embeds(self) -> torch.Tensor | None:
@@ -198,7 +198,7 @@ class Speculator:
                 if offer:
                     offers[r.request_id] = (r, method, offer)
         num_decoding = sum(len(v) for v in by_method.values())
-        self._plan = self.controller.plan(offers, num_decoding, {"pass": ROWS_PER_DRAFT}) if offers else {}
+        self._plan = self.controller.plan(offers, num_decoding, self._rows_per_draft) if offers else {}
         for r in by_method.get("pass", []):
             self._plan_lookahead(r, limits[r.request_id], max_model_len)
         if self.padded and self._plan:  # the vanilla baseline: every request padded to the longest

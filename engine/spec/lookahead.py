@@ -37,9 +37,10 @@ from engine.spec.base import chain
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "pass"
-ROWS_PER_DRAFT = 2.0
-"""Rows one PaSS draft costs the step-cost controller: its verify row plus the look-ahead row that
-drafted it (in either mode), so the controller weighs PaSS drafts at twice the price of free ones."""
+ROWS_PER_DRAFT = {"two_call": 2.0, "fused": 3.0}
+"""Rows the step-cost controller charges one PaSS draft. two_call: its verify row plus the
+look-ahead row that drafted it. fused: the same plus, after a rejection (the usual case at this
+acceptance), the drafting-only step that refills the pipeline: 2 + (1 - alpha) rows, rounded up."""
 
 
 @dataclass
@@ -74,6 +75,7 @@ class PassProposer:
             raise ValueError(f"look-ahead embeddings must be [L >= 1, hidden], got {tuple(embeds.shape)}")
         self.embeds = embeds  # [L, hidden]
         self.mode = mode
+        self.rows_per_draft = ROWS_PER_DRAFT[mode]
         self.num_lookahead = min(embeds.shape[0], max_lookahead or embeds.shape[0])
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:

@@ -6,8 +6,8 @@
   checkpoint gives the same embeddings as an uninterrupted run;
 - an artifact of another model, or none at all, fails loudly (engine and `specd serve`);
 - over HTTP, per-request `speculative.method = "pass"` is served and equals `none` (greedy).
-The real-model lossless tests are in test_spec_lossless.py (fused, the default) and at the end here
-(two_call).
+The real-model lossless tests are in test_spec_lossless.py (two_call, the default, one look-ahead
+row) and at the end here (fused, four look-ahead rows).
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_mode
 
 @pytest.mark.parametrize("mode", ["fused", "two_call"])
 def test_pass_over_http_equals_none(start_server, tiny_artifact, mode):
-    server = start_server("--pass-artifact", str(tiny_artifact), "--pass-mode", mode, "--no-spec-adaptive")
+    server = start_server("--pass-artifact", str(tiny_artifact), "--pass-mode", mode, "--pass-lookahead", "3",
+                          "--no-spec-adaptive")
     outs = {}
     for method in ("none", "pass"):
         body = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
@@ -174,18 +175,19 @@ def test_pass_over_http_equals_none(start_server, tiny_artifact, mode):
     assert spec["draft_tokens"] > 0, spec
 
 
-# ---------------------------------------------------------------- the real model, two-call mode
+# ---------------------------------------------------------------- the real model, fused mode
 
 
 @pytest.mark.real_model
-def test_two_call_greedy_equals_none_alone_and_mixed(default_model_dir):
-    """The paper's two-call mode (fused, the default, is in test_spec_lossless.py): token-identical
-    to `none` alone and in a batch mixed with every other method (near-tie rule as there)."""
+def test_fused_greedy_equals_none_alone_and_mixed(default_model_dir):
+    """The fused mode with 4 look-ahead rows (two_call with 1, the default, is in
+    test_spec_lossless.py): token-identical to `none` alone and in a batch mixed with every other
+    method (near-tie rule as there)."""
     from engine.engine import LLMEngine
     from tests.e2e.test_spec_lossless import assert_lossless, code_prompts, request, run, spec_bench_prompts
 
     engine = LLMEngine(EngineConfig(model=str(default_model_dir), spec="none", spec_adaptive=False,
-                                    pass_mode="two_call", cache=CacheConfig(num_tokens=16384)))
+                                    pass_mode="fused", pass_lookahead=4, cache=CacheConfig(num_tokens=16384)))
     short, _ = spec_bench_prompts()
     texts = short[:4] + code_prompts()[:2]
     prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
@@ -193,10 +195,10 @@ def test_two_call_greedy_equals_none_alone_and_mixed(default_model_dir):
     drafted = accepted = 0
     for i, p in enumerate(prompts):
         got = run(engine, [request(f"pass{i}", p, "pass")])[f"pass{i}"]
-        assert_lossless(ref[i], got["tokens"], f"two_call prompt {i}")
+        assert_lossless(ref[i], got["tokens"], f"fused prompt {i}")
         drafted, accepted = drafted + got["spec"].draft_tokens, accepted + got["spec"].accepted_tokens
     assert drafted > 0 and accepted > 0
     methods = ["pass", "none", "ngram", "jacobi", "pass", "pass"]
     results = run(engine, [request(f"mix{i}", p, methods[i]) for i, p in enumerate(prompts)])
     for i in range(len(prompts)):
-        assert_lossless(ref[i], results[f"mix{i}"]["tokens"], f"two_call mixed, prompt {i} ({methods[i]})")
+        assert_lossless(ref[i], results[f"mix{i}"]["tokens"], f"fused mixed, prompt {i} ({methods[i]})")
