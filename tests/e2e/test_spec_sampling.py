@@ -195,7 +195,8 @@ def engine(small_vocab_model, pass_artifact):
     threads = torch.get_num_threads()
     # One thread: a 64-request step of this model is overhead-bound, and the CPU is shared.
     eng = LLMEngine(EngineConfig(model=str(small_vocab_model), spec="none", spec_adaptive=False,
-                                 num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact)))
+                                 num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact),
+                                 pass_lookahead=4))  # chains of 4 sampled drafts, not the default 1
     assert eng.model_config.vocab_size == VOCAB
     yield eng
     torch.set_num_threads(threads)
