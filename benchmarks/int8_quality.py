@@ -82,6 +82,7 @@ def main() -> None:
     tok = engines["fp32"].tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}])[: args.max_len] for p in held_out_prompts(args.prompts)]
 
+    t0 = time.time()
     outs = {d: greedy(e, prompts, args.gen_tokens) for d, e in engines.items()}
 
     # Teacher forcing along prompt + fp32 greedy continuation: agreement on the human-written prompt
