@@ -89,6 +89,52 @@ def _attend_tile(acc, m_i, l_i, q, tile, k_cache_ptr, v_cache_ptr, block_table_p
 
 
 @triton.jit
+def _key_tiles(tree_mask_ptr, cu_tree_mask_ptr, req, q_len, kv_len, first_q, split,
+               BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TREES: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """The key tiles a program visits: (kv_hi, tree_len, tree_ptr, tile_lo, unmasked_hi, tile_hi).
+    Tiles below unmasked_hi are visible to every row (no mask work); this split owns tile_lo..tile_hi."""
+    ctx_len = kv_len - q_len
+    # Keys the program's rows may see: causal stops at its last token; a tree may look anywhere.
+    last_q = tl.minimum(q_len, first_q + BLOCK_Q) - 1
+    kv_hi = ctx_len + last_q + 1
+    full_hi = ctx_len + first_q + 1  # keys below this are visible to every row
+    tree_len = 0
+    tree_ptr = tree_mask_ptr
+    if HAS_TREES:
+        tree_start = tl.load(cu_tree_mask_ptr + req)
+        tree_len = tl.minimum(tl.load(cu_tree_mask_ptr + req + 1) - tree_start, q_len).to(tl.int32)
+        tree_ptr = tree_mask_ptr + tree_start
+        if tree_len > 0:
+            kv_hi = kv_len
+            full_hi = ctx_len
+    num_tiles = tl.cdiv(kv_hi, BLOCK_N)
+    tile_lo = 0
+    tile_hi = num_tiles
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        tile_lo = tl.minimum(split * per_split, num_tiles)
+        tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+    unmasked_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N, tile_hi), tile_lo)
+    return kv_hi, tree_len, tree_ptr, tile_lo, unmasked_hi, tile_hi
+
+
+@triton.jit
+def _store_rows(out_ptr, lse_ptr, acc, m_i, l_i, row_off, head, offs_d, row_valid, d_mask, split,
+                stride_ot, stride_oh, stride_os, stride_lt, stride_lh, NUM_SPLITS: tl.constexpr):
+    """Normalise and store the rows; a split also stores its log-sum-exp for the merge kernel."""
+    nonempty = l_i > 0.0  # a row that saw no key (an empty split) contributes nothing
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    out_off = row_off[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS > 1:
+        tl.store(out_ptr + out_off + split * stride_os, o, mask=row_valid[:, None] & d_mask[None, :])
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        lse_off = row_off * stride_lt + head * stride_lh + split
+        tl.store(lse_ptr + lse_off, lse, mask=row_valid)
+    else:
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim] or, split, [num_tokens, num_heads, NUM_SPLITS, head_dim] fp32
     lse_ptr,  # split only: [num_tokens, num_heads, NUM_SPLITS] fp32, log2 units
@@ -126,27 +172,8 @@ def _paged_attention_kernel(
     if COMPUTE_FP32:
         q = q.to(tl.float32)
 
-    # Keys the program's rows may see: causal stops at its last token; a tree may look anywhere.
-    last_q = tl.minimum(q_len, first_q + BLOCK_Q) - 1
-    kv_hi = ctx_len + last_q + 1
-    full_hi = ctx_len + first_q + 1  # keys below this are visible to every row
-    tree_len = 0
-    tree_ptr = tree_mask_ptr
-    if HAS_TREES:
-        tree_start = tl.load(cu_tree_mask_ptr + req)
-        tree_len = tl.minimum(tl.load(cu_tree_mask_ptr + req + 1) - tree_start, q_len).to(tl.int32)
-        tree_ptr = tree_mask_ptr + tree_start
-        if tree_len > 0:
-            kv_hi = kv_len
-            full_hi = ctx_len
-    num_tiles = tl.cdiv(kv_hi, BLOCK_N)
-    tile_lo = 0
-    tile_hi = num_tiles
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        tile_lo = tl.minimum(split * per_split, num_tiles)
-        tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
-    unmasked_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N, tile_hi), tile_lo)
+    kv_hi, tree_len, tree_ptr, tile_lo, unmasked_hi, tile_hi = _key_tiles(
+        tree_mask_ptr, cu_tree_mask_ptr, req, q_len, kv_len, first_q, split, BLOCK_Q, BLOCK_N, HAS_TREES, NUM_SPLITS)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -165,16 +192,8 @@ def _paged_attention_kernel(
                                      offs_d, d_mask, BLOCK_N, PAGE_SIZE, True, HAS_TREES, COMPUTE_FP32,
                                      DOT_PRECISION)
 
-    nonempty = l_i > 0.0  # a row that saw no key (an empty split) contributes nothing
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    out_off = row_off[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    if NUM_SPLITS > 1:
-        tl.store(out_ptr + out_off + split * stride_os, o, mask=row_valid[:, None] & d_mask[None, :])
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        lse_off = row_off * stride_lt + head * stride_lh + split
-        tl.store(lse_ptr + lse_off, lse, mask=row_valid)
-    else:
-        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    _store_rows(out_ptr, lse_ptr, acc, m_i, l_i, row_off, head, offs_d, row_valid, d_mask, split,
+                stride_ot, stride_oh, stride_os, stride_lt, stride_lh, NUM_SPLITS)
 
 
 @triton.jit
