@@ -103,13 +103,13 @@ def prometheus(prometheus_bins, specd, tmp_path_factory):
             proc.wait()
 
 
-def run_load(url: str) -> None:
-    """NUM_CLIENTS concurrent chat clients, NUM_ROUNDS requests each, plus some 4xx errors."""
+def run_load(url: str, rounds: int) -> None:
+    """NUM_CLIENTS concurrent chat clients, `rounds` requests each, plus some 4xx errors."""
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS, "temperature": 0}
 
     def client(i: int) -> None:
         with httpx.Client(timeout=120) as http:
-            for _ in range(NUM_ROUNDS):
+            for _ in range(rounds):
                 stream = i % 2 == 0
                 resp = http.post(f"{url}/v1/chat/completions", json={**body, "stream": stream})
                 assert resp.status_code == 200, resp.text
@@ -120,22 +120,36 @@ def run_load(url: str) -> None:
         list(pool.map(client, range(NUM_CLIENTS)))
 
 
+def wait_for(prometheus: Prometheus, expr: str, done, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(prometheus.query(expr)):
+        assert time.monotonic() < deadline, f"Prometheus {what}:\n{prometheus.log()}"
+        time.sleep(0.5)
+
+
+def accepted_total(specd) -> float:
+    final = {f.name: f for f in text_string_to_metric_families(specd.metrics())}
+    return sum(s.value for s in final["specd_spec_accepted_tokens"].samples if s.name.endswith("_total"))
+
+
 @pytest.fixture(scope="module")
 def loaded(prometheus, specd):
     """Run the load while Prometheus scrapes, then wait until it has scraped the final counters
-    and evaluated the rules after them; queries are then evaluated at that instant."""
-    run_load(specd.url)
-    final = {f.name: f for f in text_string_to_metric_families(specd.metrics())}
-    accepted = sum(s.value for s in final["specd_spec_accepted_tokens"].samples if s.name.endswith("_total"))
+    and evaluated the rules after them; queries are then evaluated at that instant.
+
+    rate() counts only increases after a series' first sample, and the speculation series appear
+    with the first draft. So one round runs first and Prometheus must have scraped its series
+    before the rest of the load (Prometheus applies new scrape targets only every 5 s, and on a
+    quiet machine the whole load takes less than that)."""
+    wait_for(prometheus, 'up{job="specd"}', bool, "never scraped specd")
+    run_load(specd.url, 1)
+    wait_for(prometheus, "specd_spec_draft_tokens_total", bool, "did not scrape the first round")
+    run_load(specd.url, NUM_ROUNDS - 1)
+    accepted = accepted_total(specd)
     assert accepted > 0, "the load must accept drafts, or the speculation panels have nothing to show"
-    deadline = time.monotonic() + 30
-    while True:
-        scraped = prometheus.query("sum(specd_spec_accepted_tokens_total)")
-        rules = prometheus.query('count(specd:spec_acceptance_rate:rate5m)')
-        if scraped and float(scraped[0]["value"][1]) == accepted and rules:
-            break
-        assert time.monotonic() < deadline, f"Prometheus did not catch up: {scraped}\n{prometheus.log()}"
-        time.sleep(0.5)
+    wait_for(prometheus, "sum(specd_spec_accepted_tokens_total)",
+             lambda r: r and float(r[0]["value"][1]) == accepted, "did not catch up")
+    wait_for(prometheus, "count(specd:spec_acceptance_rate:rate5m)", bool, "did not evaluate the rules")
     time.sleep(1.5)  # one more rule evaluation over the final samples
     prometheus.eval_time = time.time()
     return prometheus
