@@ -16,8 +16,7 @@ get 7 bits (reduce_range): only ~64 levels per sign, and the default model's tea
 agreement with fp32 was 77% (perplexity +1.4%). So each row goes in twice: its 7-bit value, and the
 rounding residual scaled up to the full range; the outputs add back (~13-bit activations). Decode is
 bound by reading the weights, so the second row is nearly free there; agreement rose to 96% on the
-same text. Rows are scaled to [-FIT, FIT] so no value reaches the clamp at the ends of the range,
-which keeps the residual what we compute it to be.
+same text. The buffer layout and arithmetic are kernels/rowscale (C, with a torch reference).
 """
 from __future__ import annotations
 
@@ -25,9 +24,9 @@ import warnings
 
 import torch
 
+from kernels import rowscale
+
 REDUCE_RANGE = True
-STEP = 2.0 / 127  # fbgemm's activation step for the fixed range [-1, 1] over 7 bits
-FIT = 0.98  # rows span [-FIT, FIT]: round(FIT / STEP) + zero point 64 stays inside 0..127
 # The resolved overload, not the packet: the packet's Python dispatch checks cost ~10 us per call,
 # a millisecond per forward at batch 1.
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
@@ -51,14 +50,17 @@ def dequantize_weight(packed) -> torch.Tensor:
 
 
 class RowScaledInt8Linear:
-    """Callable `(x, packed, bias) -> y` with per-row activation scales; owns reusable input buffers.
+    """Callable `(x, packed, bias, norm=None, residual=None) -> y` with per-row activation scales.
 
+    norm=(weight, eps) RMS-normalises x first; residual gets the output added in place and is
+    returned (the layer's skip connection), both fused into the row scaling (kernels/rowscale).
     Bias is added after rescaling (not packed), since the packed layer sees scaled inputs.
-    Not thread-safe: one instance per model, used by the engine thread only.
+    Owns reusable buffers, so not thread-safe: one instance per model, used by the engine thread only.
     """
 
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}  # in_features -> [1 + capacity, in_features]
+        self._scales = torch.empty(0)
 
     def _buffer(self, rows: int, width: int) -> torch.Tensor:
         buf = self._buffers.get(width)
@@ -69,14 +71,15 @@ class RowScaledInt8Linear:
             self._buffers[width] = buf
         return buf
 
-    def __call__(self, x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, packed, bias: torch.Tensor | None,
+                 norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         rows, width = x.shape
         buf = self._buffer(2 * rows, width)
-        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30).div_(FIT)
-        hi, lo = buf[1 : rows + 1], buf[rows + 1 : 2 * rows + 1]
-        torch.div(x, scale, out=hi)
-        # The residual of rounding hi to fbgemm's grid (step STEP, integer zero point), scaled to the range.
-        torch.sub(hi, torch.round(hi * (1 / STEP)).mul_(STEP), out=lo).mul_(2 * FIT / STEP)
+        if self._scales.numel() < rows:
+            self._scales = torch.empty(max(rows, 2 * self._scales.numel(), 16))
+        norm_weight, eps = norm if norm is not None else (None, 0.0)
+        rowscale.prep(x, norm_weight, eps, buf, self._scales)
         y = _LINEAR_DYNAMIC(buf[: 2 * rows + 1], packed, REDUCE_RANGE)
-        out = torch.add(y[1 : rows + 1], y[rows + 1 :], alpha=STEP / (2 * FIT)).mul_(scale)
-        return out if bias is None else out.add_(bias)
+        out = residual if residual is not None else torch.empty(rows, y.shape[1])
+        rowscale.finish(y, self._scales, bias, out, accumulate=residual is not None)
+        return out

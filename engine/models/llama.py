@@ -61,6 +61,21 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
+class _FusedLinear:
+    """A plain matmul behind the int8 layer's interface (engine/models/int8.py): `(x, weight, bias,
+    norm=(weight, eps) applied to x first, residual that receives the output in place)`, so the
+    decoder layer is written once for every backend."""
+
+    def __init__(self, matmul):
+        self.matmul = matmul
+
+    def __call__(self, x, weight, bias, norm=None, residual=None):
+        if norm is not None:
+            x = F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
+        y = self.matmul(x, weight, bias)
+        return y if residual is None else residual.add_(y)
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor  # [hidden]
@@ -132,10 +147,10 @@ class LlamaModel:
             self._linear = RowScaledInt8Linear()
             self._pack_all(quantize_weight)
         elif self.linear_backend == "onednn":
-            self._linear = _onednn_linear
+            self._linear = _FusedLinear(_onednn_linear)
             self._pack_all(_pack)
         else:
-            self._linear = _dense_linear
+            self._linear = _FusedLinear(_dense_linear)
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path, config: ModelConfig | None = None, device: str = "cpu",
@@ -206,11 +221,11 @@ class LlamaModel:
 
     def _layer(self, layer: _Layer, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
         cfg, lin = self.config, self._linear
-        num_tokens, hidden = x.shape
+        num_tokens = x.shape[0]
         num_heads, num_kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         num_qk = (num_heads + num_kv_heads) * head_dim
-        h = F.rms_norm(x, (hidden,), layer.input_norm, cfg.rms_norm_eps)
-        qkv = lin(h, layer.qkv, layer.qkv_bias)  # [num_tokens, (H + 2 * KVH) * D]
+        eps = cfg.rms_norm_eps
+        qkv = lin(x, layer.qkv, layer.qkv_bias, norm=(layer.input_norm, eps))  # [num_tokens, (H + 2 * KVH) * D]
         qk = _apply_rope(qkv[:, :num_qk].view(num_tokens, num_heads + num_kv_heads, head_dim), cos, sin)
         q, k = qk[:, :num_heads], qk[:, num_heads:]
         v = qkv[:, num_qk:].view(num_tokens, num_kv_heads, head_dim)
@@ -219,11 +234,10 @@ class LlamaModel:
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale,
             meta.tree_mask, meta.cu_tree_mask, plan=meta.plan,
         )
-        x = x.add_(lin(attn.reshape(num_tokens, num_heads * head_dim), layer.o, layer.o_bias))
-        h = F.rms_norm(x, (hidden,), layer.post_norm, cfg.rms_norm_eps)
-        gate_up = lin(h, layer.gate_up, None)  # [num_tokens, 2 * intermediate]
+        x = lin(attn.reshape(num_tokens, num_heads * head_dim), layer.o, layer.o_bias, residual=x)
+        gate_up = lin(x, layer.gate_up, None, norm=(layer.post_norm, eps))  # [num_tokens, 2 * intermediate]
         inter = cfg.intermediate_size
-        return x.add_(lin(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), layer.down, None))
+        return lin(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), layer.down, None, residual=x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.int8 import RowScaledInt8Linear, dequantize_weight, quantize_weight
+from kernels import backend
+
+
+@pytest.fixture(autouse=True, params=["auto", "ref"])
+def rowscale_backend(request):
+    """Every test runs with the C row-scaling kernels (auto) and with their torch reference."""
+    previous = backend.get_backend()
+    backend.set_backend(request.param)
+    yield request.param
+    backend.set_backend(previous)
 
 
 def _inputs(rows: int, width: int, seed: int) -> torch.Tensor:
@@ -86,3 +96,16 @@ def test_int8_model_rows_are_identical_alone_and_in_a_ragged_batch(tiny_model_di
     batched = runner.execute(SchedulerOutput([ScheduledRequest(r, 1) for r in reqs])).logits
     for i, row in enumerate(alone):
         assert torch.equal(batched[i : i + 1], row), f"request {i}: batched logits differ from alone"
+
+
+def test_fused_norm_and_residual_match_the_unfused_layer(layer):
+    weight, bias = layer
+    packed = quantize_weight(weight)
+    linear = RowScaledInt8Linear()
+    x, residual = _inputs(6, 64, 8), _inputs(6, 96, 9)
+    norm_weight = torch.rand(64, generator=torch.Generator().manual_seed(10)) + 0.5
+    normed = linear(x, packed, bias, norm=(norm_weight, 1e-5))
+    torch.testing.assert_close(normed, linear(F.rms_norm(x, (64,), norm_weight, 1e-5), packed, bias), rtol=1e-4, atol=1e-5)
+    expected = residual + linear(x, packed, bias)
+    out = linear(x, packed, bias, residual=residual)
+    assert out is residual and torch.equal(out, expected)

@@ -1,0 +1,57 @@
+/* specd: per-row activation scaling around fbgemm's int8 linear, fused (see kernels/rowscale/ref.py,
+ * the specification these functions follow).
+ *
+ * Every row is computed by the same sequential loops whatever else is in the batch (no threads, no
+ * reassociation: built with -fno-fast-math -ffp-contract=off), so a row's bits never depend on its
+ * neighbours. That is what keeps speculative decoding lossless under int8.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* buf rows: 0 = the sentinel (caller's), 1..rows = hi, rows+1..2*rows = lo.
+ * norm_weight != NULL: the row is RMS-normalised first (x * rsqrt(mean(x^2) + eps) * w). */
+void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride,
+                   const float *norm_weight, float eps, float *buf, float *scales,
+                   float fit, float inv_step, float step, float lo_gain) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * x_stride;
+        float *hi = buf + (1 + r) * width;
+        float *lo = buf + (1 + rows + r) * width;
+        if (norm_weight) {
+            float sum_sq = 0.0f;
+            for (int64_t i = 0; i < width; ++i) sum_sq += xr[i] * xr[i];
+            float inv_rms = 1.0f / sqrtf(sum_sq / (float)width + eps);
+            for (int64_t i = 0; i < width; ++i) hi[i] = xr[i] * inv_rms * norm_weight[i];
+        } else {
+            for (int64_t i = 0; i < width; ++i) hi[i] = xr[i];
+        }
+        float max_abs = 0.0f;
+        for (int64_t i = 0; i < width; ++i) {
+            float a = fabsf(hi[i]);
+            max_abs = a > max_abs ? a : max_abs;
+        }
+        float scale = (max_abs > 1e-30f ? max_abs : 1e-30f) / fit;
+        for (int64_t i = 0; i < width; ++i) {
+            float h = hi[i] / scale;
+            hi[i] = h;
+            lo[i] = (h - nearbyintf(h * inv_step) * step) * lo_gain;
+        }
+        scales[r] = scale;
+    }
+}
+
+/* y rows as buf's. out[r] = (hi + lo * lo_weight) * scale[r] (+ bias), or out[r] += that. */
+void rowscale_finish(const float *y, int64_t rows, int64_t width, const float *scales, float lo_weight,
+                     const float *bias, float *out, int64_t out_stride, int32_t accumulate) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *hi = y + (1 + r) * width;
+        const float *lo = y + (1 + rows + r) * width;
+        float scale = scales[r];
+        float *o = out + r * out_stride;
+        for (int64_t i = 0; i < width; ++i) {
+            float v = (hi[i] + lo[i] * lo_weight) * scale;
+            if (bias) v += bias[i];
+            o[i] = accumulate ? o[i] + v : v;
+        }
+    }
+}
