@@ -66,9 +66,9 @@ def _build(source: Path, target: Path) -> None:
 
 
 @functools.cache
-def load(source: Path, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
-    """The library built from `source` with the given (function name, argtypes) signatures, or None
-    (with a warning) when it cannot be built here."""
+def load(source: Path, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
+    """The library built from `source` with the given (function name, argtypes[, restype]) signatures,
+    or None (with a warning) when it cannot be built here."""
     try:
         path = library_path(source)
         if not path.exists():
@@ -78,7 +78,7 @@ def load(source: Path, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL
         detail = getattr(e, "stderr", "") or e
         log.warning("C kernels %s unavailable (%s); the slower torch reference runs", source, detail)
         return None
-    for name, argtypes in signatures:
+    for name, argtypes, *restype in signatures:
         getattr(lib, name).argtypes = list(argtypes)
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = restype[0] if restype else None
     return lib

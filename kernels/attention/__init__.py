@@ -1,5 +1,12 @@
-"""Ragged paged attention with per-request tree masks; dispatch between the Triton kernel and the
-torch reference (kernels/backend.py: CUDA tensors -> Triton, CPU -> `ref.py`, unless forced).
+"""Ragged paged attention with per-request tree masks; dispatch between the Triton kernel, the CPU C
+kernel and the torch reference (kernels/backend.py: CUDA tensors -> Triton, CPU -> `ref.py`, unless
+forced).
+
+On the CPU a plan made with row_exact=True runs `cpu.c` instead (when a C compiler is found): every
+row's bits then depend only on the keys it sees, which int8 needs for lossless speculation (see
+cpu.py). It is slower than ref.py's SDPA beyond decode (measured on the 2-core dev CPU, 9 heads,
+600 keys: decode 157 vs 216 us, 8 verify rows 871 vs 302 us, a 512-token prefill 22 vs 11 ms), so
+fp32, where the reference's last-bit differences stay below the near-tie threshold, keeps SDPA.
 
 The plan decides: `plan_attention` builds the plan of whichever backend the step's tensors go to,
 and `paged_attention` runs the backend its plan belongs to, so every layer of a step takes the
@@ -10,12 +17,20 @@ from __future__ import annotations
 import torch
 
 from kernels import backend
-from kernels.attention import ref
+from kernels.attention import cpu, ref
 from kernels.attention.ref import MAX_BATCHED_Q_LEN, AttentionPlan
 
 _TRITON = "kernels.attention.triton"
 
 __all__ = ["paged_attention", "plan_attention", "AttentionPlan", "MAX_BATCHED_Q_LEN"]
+
+
+def _impl(tensor: torch.Tensor, row_exact: bool = False):
+    if backend.use_triton(tensor):
+        return backend.load(_TRITON)
+    if row_exact and backend.get_backend() == "auto" and tensor.device.type == "cpu" and cpu.load() is not None:
+        return cpu
+    return ref
 
 
 def plan_attention(
@@ -26,9 +41,10 @@ def plan_attention(
     num_queries_per_kv: int,
     tree_mask: torch.Tensor | None = None,  # [sum of tree block sizes] bool
     cu_tree_mask: torch.Tensor | None = None,  # [batch + 1]
+    row_exact: bool = False,
 ):
     """The step's attention plan for the backend its tensors go to (shared by all layers)."""
-    impl = backend.load(_TRITON) if backend.use_triton(block_tables) else ref
+    impl = _impl(block_tables, row_exact)
     return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
                                tree_mask, cu_tree_mask)
 
@@ -48,9 +64,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """See kernels/attention/ref.py for the contract; returns the attention output."""
     if plan is None:
-        use_triton = backend.use_triton(q)
+        impl = _impl(q)
     else:
-        use_triton = not isinstance(plan, AttentionPlan)
-    impl = backend.load(_TRITON) if use_triton else ref
+        impl = ref if isinstance(plan, AttentionPlan) else cpu if isinstance(plan, cpu.CpuPlan) else backend.load(_TRITON)
     return impl.paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
                                 tree_mask, cu_tree_mask, out=out, plan=plan)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels.attention import MAX_BATCHED_Q_LEN, paged_attention, plan_attention
+from kernels.attention.ref import MAX_BATCHED_Q_LEN, paged_attention, plan_attention
 from kernels.kv_cache_ops import copy_slots, store_kv
 
 

@@ -14,7 +14,7 @@ from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, S
 from tests.conftest import make_tiny_model
 
 BLOCK_SIZE = 4
-ATOL = 1e-5
+ATOL = 2e-5  # fp32 matmuls round differently by row count (MKL/oneDNN pick kernels by M): ~1e-5 on logits
 
 
 class _Blocks:

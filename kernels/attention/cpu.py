@@ -1,0 +1,91 @@
+"""CPU attention through `cpu.c`: one C call per layer for every request of the step.
+
+`cpu.c` computes every (row, head) over exactly the keys it sees, in cache order, so a token's
+attention output has the same bits as a decode row, as a verified draft row, in a prompt chunk of
+any size, alone or in any batch. With int8 (whose activation rounding turns a last-bit difference
+into a visible one) that is what keeps speculation and batching lossless; the torch reference's
+SDPA cannot promise it, as its matmuls pick kernels by row count.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.attention import ref
+from kernels.cbuild import F32, F32P, I32P, I64, I64P, U8P, load as _load
+
+SOURCE = Path(__file__).with_name("cpu.c")
+SIGNATURES = (
+    ("paged_attention_rows",
+     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P), ctypes.c_int),
+)
+
+
+def load():
+    return _load(SOURCE, SIGNATURES)
+
+
+@dataclass
+class CpuPlan:
+    """The step's layout as the C kernel reads it (built once per step, shared by all layers)."""
+
+    req_ids: torch.Tensor  # [n] int64 requests with at least one new row
+    cu_seqlens_q: torch.Tensor  # [batch + 1] int32 contiguous
+    kv_lens: torch.Tensor  # [batch] int32 contiguous
+    block_tables: torch.Tensor  # [batch, max_blocks] int32 contiguous
+    tree_mask: torch.Tensor | None  # uint8 view of the flat bool tree masks
+    cu_tree_mask: torch.Tensor | None  # [batch + 1] int64
+
+
+def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv, tree_mask=None,
+                   cu_tree_mask=None) -> CpuPlan:
+    cu_q, kv = cu_seqlens_q.tolist(), kv_lens.tolist()
+    req_ids = []
+    for i, (q_len, kv_len) in enumerate(zip((b - a for a, b in zip(cu_q, cu_q[1:])), kv)):
+        if q_len < 0 or kv_len < q_len:
+            raise ValueError(f"bad lengths: q_len {q_len}, kv_len {kv_len}")
+        if q_len and cu_tree_mask is not None:
+            numel = int(cu_tree_mask[i + 1] - cu_tree_mask[i])
+            if numel not in (0, q_len * q_len):
+                raise ValueError(f"tree block {i} has {numel} entries, expected {q_len}^2")
+        if q_len:
+            req_ids.append(i)
+    trees = cu_trees = None
+    if tree_mask is not None:
+        trees = tree_mask.to(torch.bool).contiguous().view(torch.uint8)
+        cu_trees = cu_tree_mask.to(torch.int64).contiguous()
+    return CpuPlan(torch.tensor(req_ids, dtype=torch.int64), cu_seqlens_q.to(torch.int32).contiguous(),
+                   kv_lens.to(torch.int32).contiguous(), block_tables.to(torch.int32).contiguous(), trees, cu_trees)
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask=None,
+                    cu_tree_mask=None, out=None, plan: CpuPlan | None = None) -> torch.Tensor:
+    """Same contract as ref.paged_attention, for fp32 CPU tensors."""
+    # q may be a view into the fused qkv projection: rows strided, heads and dims packed.
+    q_packed = q.stride(2) == 1 and q.stride(1) == q.shape[2]
+    if not (q_packed and all(t.dtype == torch.float32 for t in (q, k_cache, v_cache))
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        # bf16/fp16 on a CPU (rare): the reference, planned afresh
+        return ref.paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask,
+                                   cu_tree_mask, out=out)
+    if plan is None:
+        plan = plan_attention(cu_seqlens_q, kv_lens, block_tables, k_cache.shape[1],
+                              q.shape[1] // k_cache.shape[2], tree_mask, cu_tree_mask)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype)
+    assert out.is_contiguous() and out.shape == q.shape
+    if plan.req_ids.numel() == 0:
+        return out
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    status = load().paged_attention_rows(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), plan.cu_seqlens_q.data_ptr(),
+        plan.kv_lens.data_ptr(), plan.block_tables.data_ptr(), plan.block_tables.shape[1],
+        plan.req_ids.data_ptr(), plan.req_ids.numel(), q.shape[1], num_kv_heads, head_dim, block_size,
+        scale, None if plan.tree_mask is None else plan.tree_mask.data_ptr(),
+        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise MemoryError("C attention could not allocate its score buffer")
+    return out

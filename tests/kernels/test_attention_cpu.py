@@ -1,0 +1,86 @@
+"""kernels/attention/cpu.py (cpu.c) against the torch reference, and the property it exists for: a
+row's bits depend only on the keys it sees."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kernels import attention, backend, cbuild
+from kernels.attention import cpu, ref
+from tests.kernels.paged import make_batch
+
+pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
+
+SHAPES = [(1, 1, 64), (3, 3, 64), (2, 4, 128), (1, 3, 16)]  # (num_kv_heads, group, head_dim)
+CASES = {
+    "decode_boundaries": ([1, 1, 1, 1, 1], [15, 16, 17, 32, 33], ()),
+    "verify_chains_and_trees": ([9, 1, 16, 4], [30, 2, 70, 4], (0, 3)),
+    "mixed_with_prefill": ([0, 1, 5, 40, 1, 17, 3], [10, 15, 16, 40, 33, 49, 3], (2, 3)),
+    "long_prefill_chunk": ([70, 1], [130, 300], ()),
+}
+
+
+@pytest.fixture(autouse=True)
+def auto_backend():
+    previous = backend.get_backend()
+    backend.set_backend("auto")
+    assert cpu.load() is not None, "a C compiler is here, so the C attention must build"
+    yield
+    backend.set_backend(previous)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kv{s[0]}-g{s[1]}-d{s[2]}")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference(case, shape):
+    q_lens, kv_lens, tree_ids = CASES[case]
+    b = make_batch(q_lens, kv_lens, shape[0], shape[1], shape[2], tree_ids=tree_ids, seed=len(case))
+    plan = attention.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, b.k_cache.shape[1], shape[1],
+                                    b.tree_mask, b.cu_tree_mask, row_exact=True)
+    assert isinstance(plan, cpu.CpuPlan)
+    out = torch.full_like(b.q, float("nan"))
+    attention.paged_attention(*b.args(), out=out, plan=plan)
+    torch.testing.assert_close(out, ref.paged_attention(*b.args()), atol=2e-5, rtol=1e-4)
+
+
+def test_only_row_exact_plans_use_c_and_forcing_the_reference_wins():
+    b = make_batch([1, 3], [9, 12], 1, 3, 16)
+    assert isinstance(attention.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3), ref.AttentionPlan)
+    backend.set_backend("ref")
+    plan = attention.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3, row_exact=True)
+    assert isinstance(plan, ref.AttentionPlan)
+
+
+@pytest.mark.parametrize("q_len", [6, 37])  # a verified chain; a prompt chunk (more than one row block)
+def test_a_row_has_the_bits_of_the_same_token_decoded(q_len):
+    """Row j of a q_len-row step sees the same keys as that token decoded alone with j fewer new keys:
+    same bits, alone and next to other requests."""
+    kv_len = 45
+    b = make_batch([2, q_len, 3], [20, kv_len, 7], 3, 3, 64, seed=11)
+    verify = cpu.paged_attention(*b.args())
+    start = int(b.cu_seqlens_q[1])
+    for j in range(q_len):
+        q = b.q[start + j : start + j + 1]
+        for neighbours in (False, True):
+            if neighbours:  # the same decode row between two other requests' rows
+                qs = torch.cat([b.q[:2], q, b.q[start + q_len :]])
+                cu = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+                lens = torch.tensor([20, kv_len - q_len + j + 1, 7], dtype=torch.int32)
+                row = 2
+            else:
+                qs, cu, lens, row = q, torch.tensor([0, 1], dtype=torch.int32), torch.tensor(
+                    [kv_len - q_len + j + 1], dtype=torch.int32), 0
+            tables = b.block_tables if neighbours else b.block_tables[1:2].contiguous()
+            decode = cpu.paged_attention(qs, b.k_cache, b.v_cache, cu, lens, tables, b.scale)
+            assert torch.equal(decode[row], verify[start + j]), f"row {j} (neighbours: {neighbours})"
+
+
+def test_queries_may_be_a_view_of_the_fused_projection():
+    """The model passes q as a slice of its qkv output: rows strided, heads packed."""
+    b = make_batch([3, 1, 20], [10, 5, 30], 3, 3, 64, seed=12)
+    wide = torch.cat([b.q, torch.randn(b.q.shape[0], 6, 64)], dim=1)  # [rows, 9 + 6, 64]
+    view = wide[:, :9]
+    assert not view.is_contiguous()
+    got = cpu.paged_attention(view, *b.args()[1:])
+    assert torch.equal(got, cpu.paged_attention(*b.args()))
