@@ -26,10 +26,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SPECD_CACHE=/opt/specd/cache
 
-# make, and python3 + venv where the base has none (the CUDA images); then the unprivileged user.
+# make, a C compiler (specd builds its CPU kernels, kernels/cbuild.py, for the CPU it runs on), and
+# python3 + venv where the base has none (the CUDA images); then the unprivileged user.
 RUN set -eux; \
     apt-get update; \
-    pkgs="make ca-certificates"; \
+    pkgs="make ca-certificates gcc libc6-dev"; \
     if ! command -v python3 >/dev/null; then pkgs="$pkgs python3 python3-venv"; fi; \
     apt-get install -y --no-install-recommends $pkgs; \
     rm -rf /var/lib/apt/lists/*; \
