@@ -9,11 +9,14 @@
  * 8-lane order the compiler vectorises without reassociating.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define LANES 8
+#define MAX_THREADS 64
+#define MIN_WORK_PER_THREAD 256 /* new rows x keys of the whole step */
 #define ROW_BLOCK 16 /* new rows attended together: their keys are read once, scratch stays small */
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -45,32 +48,30 @@ static inline float exp_nonpositive(float x) {
     return p * two_to_whole;
 }
 
-/* One request, one kv head, new rows j0..j1. A causal row j sees keys 0..ctx+j; a tree row sees the
+/* One request, one query head, new rows j0..j1. A causal row j sees keys 0..ctx+j; a tree row sees the
  * context and its ancestors-or-self (the others get weight exactly 0, which adds nothing to any
  * sum, so a tree node's bits equal those of its path decoded token by token).
- * scores: [(j1 - j0) * group, kv_len] scratch; rows: key row offsets (slot * num_kv_heads). */
+ * scores: [j1 - j0, kv_len] scratch; rows: key row offsets (slot * num_kv_heads). */
 static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                         const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0, int64_t j1, int64_t kv_len,
-                        int64_t kv_head, int64_t group, int64_t num_heads, int64_t head_dim, float scale,
+                        int64_t head, int64_t group, int64_t num_heads, int64_t head_dim, float scale,
                         const uint8_t *tree, float *scores, float *out) {
-    int64_t ctx = kv_len - q_len;
+    int64_t ctx = kv_len - q_len, kv_head = head / group;
     int64_t last_key = tree ? kv_len : ctx + j1;
     for (int64_t k = 0; k < last_key; ++k) {
         const float *key = k_cache + (rows[k] + kv_head) * head_dim;
         int64_t first = (!tree && k - ctx > j0) ? k - ctx : j0; /* causal: rows before k - ctx do not see k */
         for (int64_t j = first; j < j1; ++j) {
-            for (int64_t g = 0; g < group; ++g) {
-                const float *qr = q + (q0 + j) * q_stride + (kv_head * group + g) * head_dim;
-                scores[((j - j0) * group + g) * kv_len + k] = dot(qr, key, head_dim) * scale;
-            }
+            const float *qr = q + (q0 + j) * q_stride + head * head_dim;
+            scores[(j - j0) * kv_len + k] = dot(qr, key, head_dim) * scale;
         }
     }
     for (int64_t j = j0; j < j1; ++j) {
         int64_t row_keys = tree ? kv_len : ctx + j + 1;
         const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
-        for (int64_t g = 0; g < group; ++g) {
-            float *s = scores + ((j - j0) * group + g) * kv_len;
-            float *o = out + ((q0 + j) * num_heads + kv_head * group + g) * head_dim;
+        {
+            float *s = scores + (j - j0) * kv_len;
+            float *o = out + ((q0 + j) * num_heads + head) * head_dim;
             if (seen)
                 for (int64_t n = 0; n < q_len; ++n)
                     if (!seen[n]) s[ctx + n] = -INFINITY;
@@ -95,42 +96,89 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
     }
 }
 
+/* The step's work: units of (request, query head), taken by the threads from a shared counter. Units
+ * write disjoint rows of out and each row is computed by one thread start to end, so the bits do not
+ * depend on which thread ran it. */
+struct step {
+    const float *q, *k_cache, *v_cache;
+    int64_t q_stride, num_heads, num_kv_heads, head_dim, group, max_scores;
+    const int32_t *cu_q, *kv_lens;
+    const int64_t *req_ids, *key_rows, *key_offsets; /* key_rows of request r at key_offsets[r] */
+    const uint8_t *tree_mask;
+    const int64_t *cu_tree_mask;
+    float scale, *out;
+    int64_t num_units, next_unit; /* next_unit: atomic */
+    int failed;
+};
+
+static void *run_units(void *arg) {
+    struct step *st = arg;
+    float *scores = malloc(st->max_scores * sizeof(float));
+    if (!scores) {
+        __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    for (;;) {
+        int64_t unit = __atomic_fetch_add(&st->next_unit, 1, __ATOMIC_RELAXED);
+        if (unit >= st->num_units) break;
+        int64_t r = unit / st->num_heads, h = unit % st->num_heads, b = st->req_ids[r];
+        int64_t q0 = st->cu_q[b], q_len = st->cu_q[b + 1] - q0, kv_len = st->kv_lens[b];
+        const uint8_t *tree = NULL;
+        if (st->tree_mask && st->cu_tree_mask[b + 1] > st->cu_tree_mask[b]) tree = st->tree_mask + st->cu_tree_mask[b];
+        for (int64_t j0 = 0; j0 < q_len; j0 += ROW_BLOCK)
+            attend_rows(st->q, st->q_stride, st->k_cache, st->v_cache, st->key_rows + st->key_offsets[r], q0, q_len,
+                        j0, j0 + ROW_BLOCK < q_len ? j0 + ROW_BLOCK : q_len, kv_len, h, st->group, st->num_heads,
+                        st->head_dim, st->scale, tree, scores, st->out);
+    }
+    free(scores);
+    return NULL;
+}
+
 /* Attention of the requests req_ids[0..num_reqs) (each with q_len >= 1); writes their rows of out
  * (packed [rows, num_heads, head_dim]). q's rows are q_stride floats apart, heads packed in a row.
- * Returns 0, or -1 when scratch memory could not be allocated. */
+ * Up to num_threads threads (this one included) share the work when there is enough of it.
+ * Returns 0, or -1 when memory or a thread could not be had. */
 int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                          const int32_t *cu_q, const int32_t *kv_lens, const int32_t *block_tables, int64_t max_blocks,
                          const int64_t *req_ids, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t block_size, float scale, const uint8_t *tree_mask,
-                         const int64_t *cu_tree_mask, float *out) {
-    int64_t group = num_heads / num_kv_heads, max_scores = 1, max_kv = 1;
+                         const int64_t *cu_tree_mask, float *out, int64_t num_threads) {
+    int64_t group = num_heads / num_kv_heads, max_scores = 1, total_keys = 0, work = 0;
     for (int64_t r = 0; r < num_reqs; ++r) {
         int64_t b = req_ids[r], rows = cu_q[b + 1] - cu_q[b];
-        int64_t size = (rows < ROW_BLOCK ? rows : ROW_BLOCK) * group * kv_lens[b];
+        int64_t size = (rows < ROW_BLOCK ? rows : ROW_BLOCK) * kv_lens[b];
         max_scores = size > max_scores ? size : max_scores;
-        max_kv = kv_lens[b] > max_kv ? kv_lens[b] : max_kv;
+        total_keys += kv_lens[b];
+        work += rows * kv_lens[b];
     }
-    float *scores = malloc(max_scores * sizeof(float));
-    int64_t *key_rows = malloc(max_kv * sizeof(int64_t));
-    if (!scores || !key_rows) {
-        free(scores);
+    int64_t *key_rows = malloc((total_keys > 0 ? total_keys : 1) * sizeof(int64_t));
+    int64_t *key_offsets = malloc(num_reqs * sizeof(int64_t) + 1);
+    if (!key_rows || !key_offsets) {
         free(key_rows);
+        free(key_offsets);
         return -1;
     }
-    for (int64_t r = 0; r < num_reqs; ++r) {
-        int64_t b = req_ids[r], q0 = cu_q[b], q_len = cu_q[b + 1] - cu_q[b], kv_len = kv_lens[b];
+    for (int64_t r = 0, offset = 0; r < num_reqs; ++r) {
+        int64_t b = req_ids[r];
         const int32_t *table = block_tables + b * max_blocks;
-        for (int64_t k = 0; k < kv_len; ++k)
-            key_rows[k] = ((int64_t)table[k / block_size] * block_size + k % block_size) * num_kv_heads;
-        const uint8_t *tree = NULL;
-        if (tree_mask && cu_tree_mask[b + 1] > cu_tree_mask[b]) tree = tree_mask + cu_tree_mask[b];
-        for (int64_t h = 0; h < num_kv_heads; ++h)
-            for (int64_t j0 = 0; j0 < q_len; j0 += ROW_BLOCK)
-                attend_rows(q, q_stride, k_cache, v_cache, key_rows, q0, q_len, j0,
-                            j0 + ROW_BLOCK < q_len ? j0 + ROW_BLOCK : q_len, kv_len, h, group, num_heads, head_dim,
-                            scale, tree, scores, out);
+        key_offsets[r] = offset;
+        for (int64_t k = 0; k < kv_lens[b]; ++k)
+            key_rows[offset + k] = ((int64_t)table[k / block_size] * block_size + k % block_size) * num_kv_heads;
+        offset += kv_lens[b];
     }
-    free(scores);
+    struct step st = {q, k_cache, v_cache, q_stride, num_heads, num_kv_heads, head_dim, group, max_scores,
+                      cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
+                      num_reqs * num_heads, 0, 0};
+    /* A thread costs ~10-20 us to start: worth it from about one decode row over a few hundred keys. */
+    int64_t helpers = work >= MIN_WORK_PER_THREAD ? num_threads - 1 : 0;
+    helpers = helpers < st.num_units - 1 ? helpers : st.num_units - 1;
+    pthread_t threads[MAX_THREADS];
+    int64_t started = 0;
+    for (; started < helpers && started < MAX_THREADS; ++started)
+        if (pthread_create(&threads[started], NULL, run_units, &st) != 0) break;
+    run_units(&st);
+    for (int64_t t = 0; t < started; ++t) pthread_join(threads[t], NULL);
     free(key_rows);
-    return 0;
+    free(key_offsets);
+    return st.failed ? -1 : 0;
 }

@@ -20,7 +20,7 @@ from kernels.cbuild import F32, F32P, I32P, I64, I64P, U8P, load as _load
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
     ("paged_attention_rows",
-     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P), ctypes.c_int),
+     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P, I64), ctypes.c_int),
 )
 
 
@@ -85,7 +85,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
         plan.kv_lens.data_ptr(), plan.block_tables.data_ptr(), plan.block_tables.shape[1],
         plan.req_ids.data_ptr(), plan.req_ids.numel(), q.shape[1], num_kv_heads, head_dim, block_size,
         scale, None if plan.tree_mask is None else plan.tree_mask.data_ptr(),
-        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr())
+        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status != 0:
-        raise MemoryError("C attention could not allocate its score buffer")
+        raise MemoryError("C attention could not allocate its buffers")
     return out
