@@ -69,30 +69,28 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
     for (int64_t j = j0; j < j1; ++j) {
         int64_t row_keys = tree ? kv_len : ctx + j + 1;
         const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
-        {
-            float *s = scores + (j - j0) * kv_len;
-            float *o = out + ((q0 + j) * num_heads + head) * head_dim;
-            if (seen)
-                for (int64_t n = 0; n < q_len; ++n)
-                    if (!seen[n]) s[ctx + n] = -INFINITY;
-            float max_score = -INFINITY;
-            for (int64_t k = 0; k < row_keys; ++k) max_score = s[k] > max_score ? s[k] : max_score;
-            for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
-            if (seen)
-                for (int64_t n = 0; n < q_len; ++n)
-                    if (!seen[n]) s[ctx + n] = 0.0f;
-            float sum = 0.0f;
-            for (int64_t k = 0; k < row_keys; ++k) sum += s[k]; /* in key order: see above */
-            memset(o, 0, head_dim * sizeof(float));
-            for (int64_t k = 0; k < row_keys; ++k) {
-                float p = s[k];
-                if (p == 0.0f) continue;
-                const float *v = v_cache + (rows[k] + kv_head) * head_dim;
-                for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
-            }
-            float inv = 1.0f / sum;
-            for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv;
+        float *s = scores + (j - j0) * kv_len;
+        float *o = out + ((q0 + j) * num_heads + head) * head_dim;
+        if (seen)
+            for (int64_t n = 0; n < q_len; ++n)
+                if (!seen[n]) s[ctx + n] = -INFINITY;
+        float max_score = -INFINITY;
+        for (int64_t k = 0; k < row_keys; ++k) max_score = s[k] > max_score ? s[k] : max_score;
+        for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
+        if (seen)
+            for (int64_t n = 0; n < q_len; ++n)
+                if (!seen[n]) s[ctx + n] = 0.0f;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < row_keys; ++k) sum += s[k]; /* in key order: see above */
+        memset(o, 0, head_dim * sizeof(float));
+        for (int64_t k = 0; k < row_keys; ++k) {
+            float p = s[k];
+            if (p == 0.0f) continue;
+            const float *v = v_cache + (rows[k] + kv_head) * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
         }
+        float inv = 1.0f / sum;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv;
     }
 }
 
@@ -152,7 +150,7 @@ int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache,
         work += rows * kv_lens[b];
     }
     int64_t *key_rows = malloc((total_keys > 0 ? total_keys : 1) * sizeof(int64_t));
-    int64_t *key_offsets = malloc(num_reqs * sizeof(int64_t) + 1);
+    int64_t *key_offsets = malloc((num_reqs > 0 ? num_reqs : 1) * sizeof(int64_t));
     if (!key_rows || !key_offsets) {
         free(key_rows);
         free(key_offsets);

@@ -43,12 +43,13 @@ class CpuPlan:
 def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv, tree_mask=None,
                    cu_tree_mask=None) -> CpuPlan:
     cu_q, kv = cu_seqlens_q.tolist(), kv_lens.tolist()
+    cu_tree = cu_tree_mask.tolist() if cu_tree_mask is not None else None
     req_ids = []
     for i, (q_len, kv_len) in enumerate(zip((b - a for a, b in zip(cu_q, cu_q[1:])), kv)):
         if q_len < 0 or kv_len < q_len:
             raise ValueError(f"bad lengths: q_len {q_len}, kv_len {kv_len}")
-        if q_len and cu_tree_mask is not None:
-            numel = int(cu_tree_mask[i + 1] - cu_tree_mask[i])
+        if q_len and cu_tree is not None:
+            numel = cu_tree[i + 1] - cu_tree[i]
             if numel not in (0, q_len * q_len):
                 raise ValueError(f"tree block {i} has {numel} entries, expected {q_len}^2")
         if q_len:
