@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 # No reassociation or FMA contraction: a row's bits must not depend on how the compiler vectorised
 # the loop around it. Accumulation orders that vectorise are written out explicitly in the sources.
-FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
+# -fno-trapping-math changes no value (nothing reads FP exception flags) but lets loops with a
+# clamp or a float->int conversion vectorise (the attention's exp).
+FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared",
+         "-pthread"]
 
 F32P, I32P, I64P, U8P = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
 I64, I32, F32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float

@@ -5,8 +5,12 @@
  * order: a decode row and the same token verified as a draft row get the same bits, alone or in any
  * batch. The torch path (SDPA over a padded batch) cannot promise that: its matmuls pick kernels by
  * the number of rows, so int8's activation rounding could turn a last-bit difference into another
- * token. Built with -fno-fast-math -ffp-contract=off (kernels/cbuild.py); dot products use a fixed
- * 8-lane order the compiler vectorises without reassociating.
+ * token. Built with -fno-fast-math -ffp-contract=off (kernels/cbuild.py), so every sum has the order
+ * written here: dot products accumulate 8 lanes in dimension order, then add the lanes one fixed way.
+ *
+ * Speed (2-core AVX2 dev CPU, 9 heads, 600 keys): dot products four keys at a time (independent FMA
+ * chains instead of one chain waiting on the adder) and the weighted sum of V in registers made a
+ * decode row 2x faster (~190 -> ~105 us per layer), 8 verify rows 1.8x.
  */
 #include <math.h>
 #include <pthread.h>
@@ -19,6 +23,48 @@
 #define MIN_WORK_PER_THREAD 256 /* new rows x keys of the whole step */
 #define ROW_BLOCK 16 /* new rows attended together: their keys are read once, scratch stays small */
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD 1
+
+/* Sum of a vector's 8 lanes, always in the same order. */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* q . key for four keys, each accumulated lane-wise in dimension order and summed by hsum8: the same
+ * arithmetic for a key whichever slot of the four it takes, four chains in flight. n % 8 == 0. */
+static inline void dot4(const float *q, const float *const *keys, int64_t n, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        __m256 x = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[0] + i), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[1] + i), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[2] + i), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[3] + i), a3);
+    }
+    out[0] = hsum8(a0), out[1] = hsum8(a1), out[2] = hsum8(a2), out[3] = hsum8(a3);
+}
+
+/* out[d] = sum over keys, in key order, of p[k] * v_k[d], for 64 dims held in registers. */
+static inline void weighted_sum64(const float *p, const float *v_cache, const int64_t *rows, int64_t kv_head,
+                                  int64_t head_dim, int64_t d0, int64_t n, float *out) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; ++k) {
+        if (p[k] == 0.0f) continue;
+        __m256 w = _mm256_broadcast_ss(p + k);
+        const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+#endif
+
+/* Portable versions (any head_dim; bits differ from the SIMD ones, but one build uses one of them). */
 static inline float dot(const float *a, const float *b, int64_t n) {
     float acc[LANES] = {0};
     int64_t i = 0;
@@ -29,10 +75,48 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+static inline void scores4(const float *q, const float *const *keys, int64_t n, float *out) {
+#ifdef SIMD
+    if (n % LANES == 0) {
+        dot4(q, keys, n, out);
+        return;
+    }
+#endif
+    for (int t = 0; t < 4; ++t) out[t] = dot(q, keys[t], n);
+}
+
+static inline void weighted_sum(const float *p, const float *v_cache, const int64_t *rows, int64_t kv_head,
+                                int64_t head_dim, int64_t n, float *out) {
+    int64_t d0 = 0;
+#ifdef SIMD
+    for (; d0 + 64 <= head_dim; d0 += 64) weighted_sum64(p, v_cache, rows, kv_head, head_dim, d0, n, out + d0);
+#endif
+    if (d0 == head_dim) return;
+    for (int64_t d = d0; d < head_dim; ++d) out[d] = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+        if (p[k] == 0.0f) continue;
+        const float *v = v_cache + (rows[k] + kv_head) * head_dim;
+        for (int64_t d = d0; d < head_dim; ++d) out[d] += p[k] * v[d];
+    }
+}
+
+/* The largest score; max is exact, so lanes change no bits. */
+static inline float max_of(const float *s, int64_t n) {
+    float m[LANES];
+    for (int j = 0; j < LANES; ++j) m[j] = -INFINITY;
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int j = 0; j < LANES; ++j) m[j] = s[k + j] > m[j] ? s[k + j] : m[j];
+    for (; k < n; ++k) m[0] = s[k] > m[0] ? s[k] : m[0];
+    float best = m[0];
+    for (int j = 1; j < LANES; ++j) best = m[j] > best ? m[j] : best;
+    return best;
+}
+
 /* e^x for x <= 0 (scores minus their max), branch-free so the loop over keys vectorises; relative
  * error ~2e-7. Each element's value depends on that element alone. */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    x = x > -87.0f ? x : -87.0f;
     float t = x * 1.44269504088896341f; /* log2(e) */
     float whole = floorf(t), f = t - whole;
     float p = 1.535336188319500e-4f; /* 2^f on [0, 1), degree 6 */
@@ -58,12 +142,18 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
                         const uint8_t *tree, float *scores, float *out) {
     int64_t ctx = kv_len - q_len, kv_head = head / group;
     int64_t last_key = tree ? kv_len : ctx + j1;
-    for (int64_t k = 0; k < last_key; ++k) {
-        const float *key = k_cache + (rows[k] + kv_head) * head_dim;
-        int64_t first = (!tree && k - ctx > j0) ? k - ctx : j0; /* causal: rows before k - ctx do not see k */
+    for (int64_t k = 0; k < last_key; k += 4) {
+        const float *keys[4];
+        for (int i = 0; i < 4; ++i) /* past the end: repeat the last key, its scores are not stored */
+            keys[i] = k_cache + (rows[k + i < last_key ? k + i : last_key - 1] + kv_head) * head_dim;
+        int64_t count = last_key - k < 4 ? last_key - k : 4;
+        /* causal: rows before k - ctx see none of the four; a row that sees only some gets scores for
+         * keys past its own end too, which it never reads */
+        int64_t first = (!tree && k - ctx > j0) ? k - ctx : j0;
         for (int64_t j = first; j < j1; ++j) {
-            const float *qr = q + (q0 + j) * q_stride + head * head_dim;
-            scores[(j - j0) * kv_len + k] = dot(qr, key, head_dim) * scale;
+            float s4[4];
+            scores4(q + (q0 + j) * q_stride + head * head_dim, keys, head_dim, s4);
+            for (int i = 0; i < count; ++i) scores[(j - j0) * kv_len + k + i] = s4[i] * scale;
         }
     }
     for (int64_t j = j0; j < j1; ++j) {
@@ -74,21 +164,14 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
         if (seen)
             for (int64_t n = 0; n < q_len; ++n)
                 if (!seen[n]) s[ctx + n] = -INFINITY;
-        float max_score = -INFINITY;
-        for (int64_t k = 0; k < row_keys; ++k) max_score = s[k] > max_score ? s[k] : max_score;
+        float max_score = max_of(s, row_keys);
         for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
         if (seen)
             for (int64_t n = 0; n < q_len; ++n)
                 if (!seen[n]) s[ctx + n] = 0.0f;
         float sum = 0.0f;
-        for (int64_t k = 0; k < row_keys; ++k) sum += s[k]; /* in key order: see above */
-        memset(o, 0, head_dim * sizeof(float));
-        for (int64_t k = 0; k < row_keys; ++k) {
-            float p = s[k];
-            if (p == 0.0f) continue;
-            const float *v = v_cache + (rows[k] + kv_head) * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
-        }
+        for (int64_t k = 0; k < row_keys; ++k) sum += s[k]; /* in key order: masked keys (0) change nothing */
+        weighted_sum(s, v_cache, rows, kv_head, head_dim, row_keys, o);
         float inv = 1.0f / sum;
         for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv;
     }
