@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install serve test test-fast bench bench-kernels clean
+.PHONY: install serve test test-fast bench bench-kernels llama-server clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: install
 
 bench-kernels: install  # GPU only (says so and exits 0 without CUDA)
 	$(PY) benchmarks/kernels.py
+
+# llama.cpp's own server for benchmarks/peers.py (CPU, from the pinned llama-cpp-python sdist) into
+# $(VENV)/bin; ~25 min niced on 2 cores, skipped once built; `make llama-server JOBS=2` for 2 jobs.
+llama-server:
+	VENV=$(VENV) sh benchmarks/build_llama_server.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

