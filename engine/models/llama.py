@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.models.int8 import RowScaledInt8Linear, quantize_weight
 from kernels.attention import AttentionPlan, paged_attention
-from kernels.kv_cache_ops import store_kv
+from kernels.rope import rotate_and_store
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,8 @@ def _rope_tables(config: ModelConfig, device, dtype) -> tuple[torch.Tensor, torc
     freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     sin = emb.sin()
-    # rotate_half(x) * sin == flip_halves(x) * [-sin_lo, sin_hi]: one flip instead of two slices + neg + cat.
-    sin[:, : dim // 2].neg_()
+    sin[:, : dim // 2].neg_()  # sign-folded for kernels/rope (see apply_rope there)
     return emb.cos().to(device, dtype), sin.to(device, dtype)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x # [num_tokens, num_heads, head_dim]; cos, sin # [num_tokens, 1, head_dim]."""
-    num_tokens, num_heads, head_dim = x.shape
-    flipped = x.reshape(num_tokens, num_heads, 2, head_dim // 2).flip(2).view(num_tokens, num_heads, head_dim)
-    return torch.addcmul(x * cos, flipped, sin)
 
 
 class LlamaModel:
@@ -213,8 +205,8 @@ class LlamaModel:
         x = F.embedding(input_ids, self.embed)
         if input_embeds is not None:
             x[input_embeds[0]] = input_embeds[1].to(x.dtype)
-        cos = self.cos_table[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin_table[positions].unsqueeze(1)
+        cos = self.cos_table[positions]  # [num_tokens, head_dim]
+        sin = self.sin_table[positions]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = self._layer(layer, x, cos, sin, attn_metadata, k_cache, v_cache)
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.config.rms_norm_eps)
@@ -223,13 +215,9 @@ class LlamaModel:
         cfg, lin = self.config, self._linear
         num_tokens = x.shape[0]
         num_heads, num_kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        num_qk = (num_heads + num_kv_heads) * head_dim
         eps = cfg.rms_norm_eps
         qkv = lin(x, layer.qkv, layer.qkv_bias, norm=(layer.input_norm, eps))  # [num_tokens, (H + 2 * KVH) * D]
-        qk = _apply_rope(qkv[:, :num_qk].view(num_tokens, num_heads + num_kv_heads, head_dim), cos, sin)
-        q, k = qk[:, :num_heads], qk[:, num_heads:]
-        v = qkv[:, num_qk:].view(num_tokens, num_kv_heads, head_dim)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = rotate_and_store(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, num_heads, num_kv_heads)
         attn = paged_attention(
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale,
             meta.tree_mask, meta.cu_tree_mask, plan=meta.plan,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.models.llama import LlamaModel, _apply_rope
+from engine.models.llama import LlamaModel
+from kernels.rope import apply_rope
 
 
 @dataclass
@@ -90,7 +91,7 @@ class FrozenLlama:
         num_qk = (num_heads + num_kv_heads) * head_dim
         h = F.rms_norm(x, (hidden,), layer.input_norm, cfg.rms_norm_eps)
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-        qk = _apply_rope(qkv[:, :num_qk].view(num_rows, num_heads + num_kv_heads, head_dim), cos, sin)
+        qk = apply_rope(qkv[:, :num_qk].view(num_rows, num_heads + num_kv_heads, head_dim), cos, sin)
         q, k = qk[:, :num_heads], qk[:, num_heads:]
         v = qkv[:, num_qk:].view(num_rows, num_kv_heads, head_dim)
         all_k = torch.cat([past[0], k]) if past is not None else k

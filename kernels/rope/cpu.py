@@ -1,0 +1,16 @@
+"""`cpu.c` through kernels/cbuild.py (built on first use, cached)."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from kernels.cbuild import F32P, I64, I64P, load as _load
+
+SOURCE = Path(__file__).with_name("cpu.c")
+SIGNATURES = (
+    ("rotate_and_store", (F32P, I64, I64, F32P, F32P, I64, I64, I64, F32P, F32P, I64P, I64), ctypes.c_int),
+)
+
+
+def load():
+    return _load(SOURCE, SIGNATURES)
