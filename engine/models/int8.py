@@ -27,9 +27,10 @@ import torch
 from kernels import rowscale
 
 REDUCE_RANGE = True
-# The resolved overload, not the packet: the packet's Python dispatch checks cost ~10 us per call,
-# a millisecond per forward at batch 1.
-_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+# The resolved overload's C++ function, not the packet or the overload: their Python dispatch checks
+# (for fake script objects, which the packed weight could be under tracing) cost 4-10 us per call,
+# 0.5-1 ms per forward at batch 1.
+_LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic.default, "_op", torch.ops.quantized.linear_dynamic.default)
 
 
 def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None):

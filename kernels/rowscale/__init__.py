@@ -15,12 +15,18 @@ from kernels.rowscale.ref import FIT, LO_GAIN, LO_WEIGHT, STEP
 __all__ = ["prep", "finish", "uses_c", "FIT", "STEP"]
 
 
-def _c_library():
-    if backend.get_backend() == "ref":
-        return None
-    from kernels.rowscale import cpu
+_resolved: tuple[str, object] = ("", None)  # (backend it was resolved for, library or None)
 
-    return cpu.load()
+
+def _c_library():
+    """Called twice per linear layer, so resolved once per backend setting."""
+    global _resolved
+    name = backend.get_backend()
+    if _resolved[0] != name:
+        from kernels.rowscale import cpu
+
+        _resolved = (name, None if name == "ref" else cpu.load())
+    return _resolved[1]
 
 
 def uses_c() -> bool:
