@@ -1,6 +1,6 @@
 """Rotary embedding + K/V store of a decoder layer. On the CPU, one C call (`cpu.c`, built on first
-use) replaces about ten small torch ops per layer (3-9 us of dispatch each at batch 1); elsewhere, or
-when forced to "ref" (kernels/backend.py) or without a C compiler, `ref.py`."""
+use) replaces about ten small torch ops per layer (3-9 us of dispatch each at batch 1); elsewhere, when
+a backend is forced ("ref" or "triton", kernels/backend.py) or without a C compiler, `ref.py`."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,8 @@ __all__ = ["apply_rope", "rotate_and_store"]
 
 
 def _c_library(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    if backend.get_backend() == "ref" or qkv.device.type != "cpu" or qkv.stride(1) != 1:
+    # Only under "auto": a forced "triton" or "ref" must reach that backend's store_kv (ref.py's path).
+    if backend.get_backend() != "auto" or qkv.device.type != "cpu" or qkv.stride(1) != 1:
         return None
     if not all(t.dtype == torch.float32 for t in (qkv, k_cache, v_cache)):
         return None

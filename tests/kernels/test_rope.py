@@ -68,9 +68,13 @@ def test_slot_out_of_range_is_refused_before_any_write():
     assert torch.equal(qkv, before) and k_cache.isnan().all()
 
 
-def test_forced_reference_backend_skips_c():
+@pytest.mark.parametrize("forced", ["ref", "triton"])
+def test_forced_backend_skips_c(forced):
+    """A forced backend must reach its own store_kv (the Triton dispatch test counts those calls)."""
+    if forced == "triton":
+        pytest.importorskip("triton")
     previous = backend.get_backend()
-    backend.set_backend("ref")
+    backend.set_backend(forced)
     try:
         qkv, cos, sin, slots, (k_cache, v_cache) = _inputs(2, 3)
         q = rope.rotate_and_store(qkv, cos, sin, k_cache, v_cache, slots, HEADS, KV_HEADS)
