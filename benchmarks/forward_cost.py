@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8", "int8-fast"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

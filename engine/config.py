@@ -13,6 +13,11 @@ SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
 PASS_MODES = ("fused", "two_call")
 
 
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-fast")
+"""int8: int8 weights (the layers that need it split in two, engine/models/int8.py), meets the quality
+bar; int8-fast: every weight int8 once, faster and less exact. Both compute in fp32 otherwise."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family model, read from its HF config.json."""
@@ -136,8 +141,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16", "int8"):
-            raise ValueError(f"dtype must be auto, fp32, bf16, fp16 or int8, not {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.spec not in SPEC_METHODS:
             raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
         if self.spec_layout not in ("ragged", "padded"):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from engine.config import DEFAULT_MODEL, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import DEFAULT_MODEL, DTYPES, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
 from engine.train.cli import add_train_parser, run_train
 from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
 
@@ -25,7 +25,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--max-num-seqs", type=int, default=d_sched.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d_sched.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=d_sched.max_model_len)

@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.models.int8 import RowScaledInt8Linear, quantize_weight
+from engine.models.int8 import SPLIT_LAYERS, RowScaledInt8Linear, quantize_weight
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rope import rotate_and_store
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACTIVATION_DTYPES = {**TORCH_DTYPES, "int8": torch.float32}  # int8 weights, fp32 activations and KV
+INT8_SPLITS = {"int8": SPLIT_LAYERS, "int8-fast": frozenset()}  # the int8 dtypes: which layers are split
+ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(INT8_SPLITS, torch.float32)}  # int8: fp32 activations, KV
 
 
 @dataclass
@@ -134,13 +135,13 @@ class LlamaModel:
         self.lm_head = self.embed if tied else get("lm_head.weight")  # [vocab, hidden]
         self.layers = [self._load_layer(get, weights, i) for i in range(config.num_layers)]
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
-        self.linear_backend = "int8" if dtype == "int8" else self._choose_backend(linear_backend)
+        self.linear_backend = "int8" if dtype in INT8_SPLITS else self._choose_backend(linear_backend)
         if self.linear_backend == "int8":
             self._linear = RowScaledInt8Linear()
-            self._pack_all(quantize_weight)
+            self._pack_all(lambda weight, name: quantize_weight(weight, split=name in INT8_SPLITS[dtype]))
         elif self.linear_backend == "onednn":
             self._linear = _FusedLinear(_onednn_linear)
-            self._pack_all(_pack)
+            self._pack_all(lambda weight, name: _pack(weight))
         else:
             self._linear = _FusedLinear(_dense_linear)
 
@@ -181,12 +182,12 @@ class LlamaModel:
             return "dense"
 
     def _pack_all(self, pack) -> None:
-        """Replace every linear weight (and the lm_head) by the backend's packed form."""
+        """Replace every linear weight (and the lm_head) by the backend's packed form, pack(weight, name)."""
         for layer in self.layers:
             for name in layer.linear_weights():
-                setattr(layer, name, pack(getattr(layer, name)))
+                setattr(layer, name, pack(getattr(layer, name), name))
         # The embedding lookup needs the dense matrix, so a tied lm_head gets its own packed copy.
-        self.lm_head = pack(self.lm_head)
+        self.lm_head = pack(self.lm_head, "lm_head")
 
     # ------------------------------------------------------------------ forward
 

@@ -54,7 +54,8 @@ def finish(y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out
     lib = _c_library()
     if lib is None:
         return ref.finish(y, scales, bias, out, accumulate)
-    n, width = (y.shape[0] - 1) // 2, y.shape[1]
-    assert y.is_contiguous() and out.shape == (n, width) and out.stride(1) == 1, (y.shape, out.shape)
-    lib.rowscale_finish(y.data_ptr(), n, width, scales.data_ptr(), LO_WEIGHT,
+    n, width = (y.shape[0] - 1) // 2, out.shape[1]
+    assert y.is_contiguous() and out.shape[0] == n and y.shape[1] in (width, 2 * width) and out.stride(1) == 1, \
+        (y.shape, out.shape)
+    lib.rowscale_finish(y.data_ptr(), n, width, y.shape[1], scales.data_ptr(), LO_WEIGHT,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate))

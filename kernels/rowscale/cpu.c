@@ -40,16 +40,20 @@ void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride
     }
 }
 
-/* y rows as buf's. out[r] = (hi + lo * lo_weight) * scale[r] (+ bias), or out[r] += that. */
-void rowscale_finish(const float *y, int64_t rows, int64_t width, const float *scales, float lo_weight,
-                     const float *bias, float *out, int64_t out_stride, int32_t accumulate) {
+/* y rows as buf's, each y_width wide: width, or 2 * width for a split weight, whose two halves'
+ * outputs add up. out[r] = (hi + lo * lo_weight) * scale[r] (+ bias), or out[r] += that. */
+void rowscale_finish(const float *y, int64_t rows, int64_t width, int64_t y_width, const float *scales,
+                     float lo_weight, const float *bias, float *out, int64_t out_stride, int32_t accumulate) {
+    int split = y_width == 2 * width;
     for (int64_t r = 0; r < rows; ++r) {
-        const float *hi = y + (1 + r) * width;
-        const float *lo = y + (1 + rows + r) * width;
+        const float *hi = y + (1 + r) * y_width;
+        const float *lo = y + (1 + rows + r) * y_width;
         float scale = scales[r];
         float *o = out + r * out_stride;
         for (int64_t i = 0; i < width; ++i) {
-            float v = (hi[i] + lo[i] * lo_weight) * scale;
+            float h = split ? hi[i] + hi[i + width] : hi[i];
+            float l = split ? lo[i] + lo[i + width] : lo[i];
+            float v = (h + l * lo_weight) * scale;
             if (bias) v += bias[i];
             o[i] = accumulate ? o[i] + v : v;
         }

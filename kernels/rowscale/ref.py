@@ -42,14 +42,17 @@ def prep(
 
 
 def finish(
-    y: torch.Tensor,  # [2n + 1, out] the linear's output over prep's buffer rows
+    y: torch.Tensor,  # [2n + 1, out] or [2n + 1, 2 * out] (a split weight) the linear's output over prep's rows
     scales: torch.Tensor,  # [>= n]
     bias: torch.Tensor | None,  # [out]
     out: torch.Tensor,  # [n, out]: written, or added to when accumulate
     accumulate: bool,
 ) -> None:
-    n = (y.shape[0] - 1) // 2
-    value = torch.add(y[1 : n + 1], y[n + 1 :], alpha=LO_WEIGHT).mul_(scales[:n, None])
+    n, width = (y.shape[0] - 1) // 2, out.shape[1]
+    hi, lo = y[1 : n + 1], y[n + 1 :]
+    if y.shape[1] == 2 * width:  # a split weight (engine/models/int8.py): its two halves' outputs add up
+        hi, lo = hi[:, :width] + hi[:, width:], lo[:, :width] + lo[:, width:]
+    value = torch.add(hi, lo, alpha=LO_WEIGHT).mul_(scales[:n, None])
     if bias is not None:
         value.add_(bias)
     if accumulate:

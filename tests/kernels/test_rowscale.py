@@ -61,18 +61,20 @@ def test_prep_with_rms_norm_matches_reference():
     for impl in (rowscale.prep, ref.prep):
         buf, scales = _prep(impl, x, norm_weight)
         out = torch.empty(7, 320)
-        ref.finish(_LINEAR_DYNAMIC(buf, packed, REDUCE_RANGE), scales, None, out, accumulate=False)
+        ref.finish(_LINEAR_DYNAMIC(buf, packed.packed, REDUCE_RANGE), scales, None, out, accumulate=False)
         outs.append(out)
     err = (outs[0] - outs[1]).norm(dim=1) / outs[1].norm(dim=1)
     assert err.max() < 1e-4, err
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_finish_matches_reference(with_bias, accumulate):
+def test_finish_matches_reference(with_bias, accumulate, split):
     gen = torch.Generator().manual_seed(3)
     n, width = 5, 96
-    y, scales = torch.randn(2 * n + 1, width, generator=gen), torch.rand(n + 3, generator=gen)
+    y = torch.randn(2 * n + 1, 2 * width if split else width, generator=gen)  # split: two weight halves
+    scales = torch.rand(n + 3, generator=gen)
     bias = torch.randn(width, generator=gen) if with_bias else None
     residual = torch.randn(n, width, generator=gen)
     got, want = residual.clone(), residual.clone()
