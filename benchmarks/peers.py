@@ -204,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=3, help="prompts per set (short, code_edit)")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtypes", nargs="+", default=["int8"])
+    ap.add_argument("--dtypes", nargs="+", default=["int8", "int8-fast"])
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "jacobi"])
     ap.add_argument("--concurrent", type=int, default=8, help="clients for the concurrent run (0: skip)")
     ap.add_argument("--llama-server", default=None,
