@@ -38,7 +38,8 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str) -> str:
     """auto: bf16 on CUDA; int8 on the CPU, which meets specd's quality bar against fp32 (top-1
-    agreement >= 98%, perplexity within 2%: benchmarks/int8_quality.py) at ~1.5x fp32's speed."""
+    agreement >= 98%, perplexity within 2%: benchmarks/int8_quality.py) and is faster than fp32 at
+    small batches (slower when many draft rows are verified: README)."""
     if dtype == "auto":
         return "bf16" if device == "cuda" else "int8"
     return dtype

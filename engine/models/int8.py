@@ -34,11 +34,12 @@ REDUCE_RANGE = True
 _LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic.default, "_op", torch.ops.quantized.linear_dynamic.default)
 
 
-# Layers whose weights go in split (Int8Weight.halves == 2). Teacher-forced top-1 agreement with fp32
-# on 24 held-out Spec-Bench prompts, one kind of layer int8 at a time: qkv 96.7%, down 97.7%,
-# gate_up 98.3%, o 99.0%; all int8 94.7%; all split 99.8%; all but o split 99.0% (o is the cheapest
-# to leave whole: 576 rows). The quality bar (98%) needs the split; speed pays for it (benchmarks/).
-SPLIT_LAYERS = frozenset({"qkv", "gate_up", "down", "lm_head"})
+# The int8 dtypes, by the layers whose weights go in split (Int8Weight.halves == 2). Teacher-forced
+# top-1 agreement with fp32 on 24 Spec-Bench prompts (weights rounded offline, activations exact),
+# one kind of layer int8 at a time: qkv 96.7%, down 97.7%, gate_up 98.3%, o 99.0%; all whole 94.7%;
+# all split 99.8%; all but o split 99.0% (o is the cheapest to leave whole: 576 rows). The quality
+# bar (98%) needs the split; it costs ~1.2x per batch-1 step (benchmarks/forward_cost.py).
+SPLIT_LAYERS = {"int8": frozenset({"qkv", "gate_up", "down", "lm_head"}), "int8-fast": frozenset()}
 
 
 class Int8Weight(NamedTuple):
@@ -58,7 +59,7 @@ def _per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(weight: torch.Tensor, split: bool = False) -> Int8Weight:
     """fp weight [out, in] -> int8 per output channel; split also packs the rounding residual as
-    rows of their own (twice the rows: the cost of a second weight read, for ~128x less error)."""
+    rows of their own (twice the rows and work, for a rounding step 127x finer)."""
     weight = weight.float().contiguous()
     if split:
         weight = torch.cat([weight, weight - _per_channel_int8(weight).dequantize()])

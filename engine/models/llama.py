@@ -29,8 +29,7 @@ from kernels.rope import rotate_and_store
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INT8_SPLITS = {"int8": SPLIT_LAYERS, "int8-fast": frozenset()}  # the int8 dtypes: which layers are split
-ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(INT8_SPLITS, torch.float32)}  # int8: fp32 activations, KV
+ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(SPLIT_LAYERS, torch.float32)}  # int8: fp32 activations, KV
 
 
 @dataclass
@@ -135,10 +134,10 @@ class LlamaModel:
         self.lm_head = self.embed if tied else get("lm_head.weight")  # [vocab, hidden]
         self.layers = [self._load_layer(get, weights, i) for i in range(config.num_layers)]
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
-        self.linear_backend = "int8" if dtype in INT8_SPLITS else self._choose_backend(linear_backend)
+        self.linear_backend = "int8" if dtype in SPLIT_LAYERS else self._choose_backend(linear_backend)
         if self.linear_backend == "int8":
             self._linear = RowScaledInt8Linear()
-            self._pack_all(lambda weight, name: quantize_weight(weight, split=name in INT8_SPLITS[dtype]))
+            self._pack_all(lambda weight, name: quantize_weight(weight, split=name in SPLIT_LAYERS[dtype]))
         elif self.linear_backend == "onednn":
             self._linear = _FusedLinear(_onednn_linear)
             self._pack_all(lambda weight, name: _pack(weight))
