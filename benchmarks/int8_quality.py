@@ -3,8 +3,9 @@
 For each prompt (chat-formatted, at most --max-len tokens) the fp32 model generates --gen-tokens
 greedily; both models then score prompt + continuation teacher-forced: top-1 agreement of their
 next-token predictions (reported on the prompt text, on the generated positions, and over both),
-and the perplexity each gives the human-written prompt text. The int8 model also generates, and we
-record the first position where its output leaves the fp32 one (never = it all agrees).
+and the perplexity each gives the human-written prompt text; every int8 row there takes the int8
+linears (served, prompt rows run in fp32: this is the worst case). The int8 model also generates as
+served, and we record the first position where its output leaves the fp32 one (never = it all agrees).
 
     .venv/bin/python benchmarks/int8_quality.py [--prompts 60] [--gen-tokens 64] [--dtype int8|int8-fast]
 
@@ -40,10 +41,12 @@ def held_out_prompts(count: int) -> list[str]:
 
 
 def teacher_forced_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one sequence (one prefill; the engine is idle)."""
+    """Logits at every position of one sequence (one prefill; the engine is idle). The tokens are
+    given as generated ones (no prompt), so under int8 every row takes the int8 path: served, prompt
+    rows run in fp32 (engine/models/linear.py), so this is the int8 weights' worst case."""
     runner = engine.runner
     block = engine.config.cache.block_size
-    req = Request("quality", list(token_ids), len(token_ids), SamplingParams(),
+    req = Request("quality", list(token_ids), 0, SamplingParams(),
                   block_ids=list(range(-(-len(token_ids) // block))))
     inputs = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(req, len(token_ids))]))
     hidden = runner.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, runner.kv_caches)

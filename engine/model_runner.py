@@ -175,8 +175,10 @@ class ModelRunner:
         layouts = [request_layout(s) for s in sched.scheduled]
         self._check_capacity(sched.scheduled, layouts)
         flat_ids, flat_pos, flat_idx, req_of_token, sample_rows, cu_q = [], [], [], [], [], [0]
-        lookahead_rows, lookahead_counts = [], []
-        for i, lay in enumerate(layouts):
+        lookahead_rows, lookahead_counts, prompt_rows = [], [], []
+        for i, (s, lay) in enumerate(zip(sched.scheduled, layouts)):
+            if self.model.prompt_rows_dense:
+                prompt_rows += [index < s.request.num_prompt_tokens for index in lay.cache_indices]
             sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
             lookahead_rows += [cu_q[-1] + row for row in lay.lookahead_rows]
             lookahead_counts.append(len(lay.lookahead_rows))
@@ -195,6 +197,8 @@ class ModelRunner:
         dev = self.device
         to = lambda t: None if t is None else t.to(dev)  # noqa: E731
         meta = AttentionMetadata(to(slots), to(cu_seqlens_q), to(kv_lens), to(block_tables), to(tree_mask), to(cu_tree))
+        if any(prompt_rows):
+            meta.prompt_rows = torch.tensor(prompt_rows, dtype=torch.bool, device=dev)
         cfg = self.model_config
         meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
                                    cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask,

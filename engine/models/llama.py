@@ -5,16 +5,14 @@ stores their K/V into the paged cache and attends through kernels.attention. Wei
 from the HF directory's safetensors with q/k/v and gate/up fused, so a layer runs three matmuls
 plus o_proj instead of seven.
 
-CPU performance notes (PLATFORM.md): fp32 decode is bound by reading the weights, and few-row
-matmuls are ~1.3-1.5x faster through oneDNN with pre-packed weights than through MKL's F.linear;
-which one wins is measured at load time on this machine (not guessed from the CPU vendor). Per-layer
-Python work is kept to a handful of tensor ops: RoPE cos/sin are gathered once per forward and the
-attention layout (masks, gather indices) is planned once per step by the runner.
+CPU performance notes (PLATFORM.md): fp32 decode is bound by reading the weights; the linear
+backends (MKL or oneDNN, measured at load; int8 with prompt rows in fp32) are engine/models/linear.py.
+Per-layer Python work is kept to a handful of tensor ops: RoPE cos/sin are gathered once per forward
+and the attention layout (masks, gather indices) is planned once per step by the runner.
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_LAYERS, RowScaledInt8Linear, quantize_weight
+from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, dense_linear, measure_backends,
+                                  onednn_linear, onednn_rows_exact, pack_onednn)
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rescore import rescore_top_k
 from kernels.rope import rotate_and_store
@@ -47,37 +47,7 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None = None  # [sum of tree block sizes] bool (see kernels/attention/ref.py)
     cu_tree_mask: torch.Tensor | None = None  # [batch + 1]
     plan: AttentionPlan | None = None
-
-
-def _dense_linear(x, weight, bias):
-    return F.linear(x, weight, bias)
-
-
-_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default  # the overload: no per-call Python dispatch checks
-
-
-def _onednn_linear(x, weight, bias):
-    # weight was packed by torch.ops.mkldnn._reorder_linear_weight; x stays a plain dense tensor.
-    return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight)
-
-
-class _FusedLinear:
-    """A plain matmul behind the int8 layer's interface (engine/models/int8.py): `(x, weight, bias,
-    norm=(weight, eps) applied to x first, residual that receives the output in place)`, so the
-    decoder layer is written once for every backend."""
-
-    def __init__(self, matmul):
-        self.matmul = matmul
-
-    def __call__(self, x, weight, bias, norm=None, residual=None):
-        if norm is not None:
-            x = F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
-        y = self.matmul(x, weight, bias)
-        return y if residual is None else residual.add_(y)
+    prompt_rows: torch.Tensor | None = None  # [num_tokens] bool: the row's token is a prompt token (None: none)
 
 
 @dataclass
@@ -140,14 +110,32 @@ class LlamaModel:
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
         self.linear_backend = "int8" if dtype in SPLIT_LAYERS else self._choose_backend(linear_backend)
         self.exact_lm_head = self.lm_head if self.linear_backend == "int8" else None  # fp32, for rescoring
+        self.prompt_rows_dense = False  # int8: prompt-token rows through fp32 (engine/models/linear.py)
         if self.linear_backend == "int8":
-            self._linear = RowScaledInt8Linear()
-            self._pack_all(lambda weight, name: quantize_weight(weight, split=name in SPLIT_LAYERS[dtype]))
+            self._init_int8(dtype)
         elif self.linear_backend == "onednn":
-            self._linear = _FusedLinear(_onednn_linear)
-            self._pack_all(lambda weight, name: _pack(weight))
+            self._linear = self._logits_linear = FusedLinear(onednn_linear)
+            self._pack_layers(lambda weight, name: pack_onednn(weight))
+            self.lm_head = pack_onednn(self.lm_head)  # a tied lm_head gets its own copy: the embedding stays dense
         else:
-            self._linear = _FusedLinear(_dense_linear)
+            self._linear = self._logits_linear = FusedLinear(dense_linear)
+
+    def _init_int8(self, dtype: str) -> None:
+        def quantize(weight, name):
+            return quantize_weight(weight, split=name in SPLIT_LAYERS[dtype])
+
+        first = [getattr(self.layers[0], name) for name in self.layers[0].linear_weights()]
+        self.prompt_rows_dense = (self.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                  and onednn_rows_exact(first))
+        if self.prompt_rows_dense:
+            self._linear = PromptRowsDense()
+            self._logits_linear = self._linear.int8
+            self._pack_layers(lambda weight, name: HybridWeight(pack_onednn(weight), quantize(weight, name)))
+        else:
+            log.info("oneDNN fp32 rows are not batch-invariant here: int8 prompt rows stay int8")
+            self._linear = self._logits_linear = RowScaledInt8Linear()
+            self._pack_layers(quantize)
+        self.lm_head = quantize(self.lm_head, "lm_head")
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path, config: ModelConfig | None = None, device: str = "cpu",
@@ -180,18 +168,16 @@ class LlamaModel:
         if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return "dense"
         try:
-            return _measure_backends(self.layers[: min(8, len(self.layers))])
+            return measure_backends([getattr(layer, n) for layer in self.layers[:8] for n in layer.linear_weights()])
         except RuntimeError as e:  # an oneDNN build without the packed-linear op
             log.info("oneDNN linear unavailable (%s); using F.linear", e)
             return "dense"
 
-    def _pack_all(self, pack) -> None:
-        """Replace every linear weight (and the lm_head) by the backend's packed form, pack(weight, name)."""
+    def _pack_layers(self, pack) -> None:
+        """Replace every decoder layer's linear weights by the backend's form, pack(weight, name)."""
         for layer in self.layers:
             for name in layer.linear_weights():
                 setattr(layer, name, pack(getattr(layer, name), name))
-        # The embedding lookup needs the dense matrix, so a tied lm_head gets its own packed copy.
-        self.lm_head = pack(self.lm_head, "lm_head")
 
     # ------------------------------------------------------------------ forward
 
@@ -207,6 +193,8 @@ class LlamaModel:
         """Final-normed hidden states # [num_tokens, hidden] (pass sampled rows to compute_logits).
 
         input_embeds replaces the input embedding of the given rows (PaSS look-ahead embeddings)."""
+        if self.prompt_rows_dense:
+            self._linear.set_rows(attn_metadata.prompt_rows)
         x = F.embedding(input_ids, self.embed)
         if input_embeds is not None:
             x[input_embeds[0]] = input_embeds[1].to(x.dtype)
@@ -235,36 +223,7 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden # [num_rows, hidden] (final-normed) -> logits # [num_rows, vocab] fp32."""
-        logits = self._linear(hidden, self.lm_head, None).float()
+        logits = self._logits_linear(hidden, self.lm_head, None).float()
         if self.exact_lm_head is not None:
             rescore_top_k(logits, hidden, self.exact_lm_head, RESCORE_TOP_K)
         return logits
-
-
-def _measure_backends(layers: list[_Layer], reps: int = 5) -> str:
-    """Time F.linear against packed oneDNN on a few layers' weights (more than the cache holds)."""
-    weights = [getattr(layer, n) for layer in layers for n in layer.linear_weights()]
-    packed = [_pack(w) for w in weights]
-    hidden = weights[0].shape[1]
-    gen = torch.Generator().manual_seed(0)
-    inputs = {m: {w.shape[1]: torch.randn(m, w.shape[1], generator=gen) for w in weights} for m in (1, 8)}
-
-    def run(fn, ws, m):
-        t = time.perf_counter()
-        for w in ws:
-            fn(inputs[m][w.shape[1]], w, None)
-        return time.perf_counter() - t
-
-    best = {(b, m): float("inf") for b in ("dense", "onednn") for m in (1, 8)}
-    for _ in range(reps):  # interleaved, best of reps per shape: robust to a noisy neighbour
-        for m in (1, 8):
-            best["dense", m] = min(best["dense", m], run(_dense_linear, weights, m))
-            best["onednn", m] = min(best["onednn", m], run(_onednn_linear, packed, m))
-    dense, onednn = (sum(best[b, m] for m in (1, 8)) for b in ("dense", "onednn"))
-    x = inputs[1][hidden]
-    ref = F.linear(x, weights[0])
-    err = (_onednn_linear(x, packed[0], None) - ref).abs().max() / ref.abs().max()
-    choice = "onednn" if onednn < 0.95 * dense and err < 1e-5 else "dense"
-    log.info("linear backend %s (dense %.2f ms, onednn %.2f ms for rows 1 + 8, rel err %.1e)", choice,
-             dense * 1e3, onednn * 1e3, err)
-    return choice

@@ -1,0 +1,142 @@
+"""The linear-layer backends of engine/models/llama.py, all behind one call signature:
+`linear(x, weight, bias, norm=(weight, eps) applied to x first, residual that receives the output in place)`.
+
+- fp32: F.linear (MKL) or oneDNN with pre-packed weights, whichever `measure_backends` finds faster
+  on this machine at load time (oneDNN was ~1.3-1.5x faster for few rows on the dev CPU).
+- int8 dtypes: `PromptRowsDense`, which runs prompt-token rows through oneDNN fp32 and every other
+  row (decoding, drafts, look-ahead rows) through the int8 layer of engine/models/int8.py.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.int8 import Int8Weight, RowScaledInt8Linear
+
+log = logging.getLogger(__name__)
+
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default  # the overload: no per-call Python dispatch checks
+
+
+def dense_linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def onednn_linear(x, weight, bias):
+    # weight was packed by pack_onednn; x stays a plain dense tensor.
+    return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+class FusedLinear:
+    """A plain matmul behind the common signature, so the decoder layer is written once."""
+
+    def __init__(self, matmul):
+        self.matmul = matmul
+
+    def __call__(self, x, weight, bias, norm=None, residual=None):
+        if norm is not None:
+            x = F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
+        y = self.matmul(x, weight, bias)
+        return y if residual is None else residual.add_(y)
+
+
+def measure_backends(weights: list[torch.Tensor], reps: int = 5) -> str:
+    """Time F.linear against packed oneDNN on some layers' weights (more than the cache holds)."""
+    packed = [pack_onednn(w) for w in weights]
+    hidden = weights[0].shape[1]
+    gen = torch.Generator().manual_seed(0)
+    inputs = {m: {w.shape[1]: torch.randn(m, w.shape[1], generator=gen) for w in weights} for m in (1, 8)}
+
+    def run(fn, ws, m):
+        t = time.perf_counter()
+        for w in ws:
+            fn(inputs[m][w.shape[1]], w, None)
+        return time.perf_counter() - t
+
+    best = {(b, m): float("inf") for b in ("dense", "onednn") for m in (1, 8)}
+    for _ in range(reps):  # interleaved, best of reps per shape: robust to a noisy neighbour
+        for m in (1, 8):
+            best["dense", m] = min(best["dense", m], run(dense_linear, weights, m))
+            best["onednn", m] = min(best["onednn", m], run(onednn_linear, packed, m))
+    dense, onednn = (sum(best[b, m] for m in (1, 8)) for b in ("dense", "onednn"))
+    x = inputs[1][hidden]
+    ref = F.linear(x, weights[0])
+    err = (onednn_linear(x, packed[0], None) - ref).abs().max() / ref.abs().max()
+    choice = "onednn" if onednn < 0.95 * dense and err < 1e-5 else "dense"
+    log.info("linear backend %s (dense %.2f ms, onednn %.2f ms for rows 1 + 8, rel err %.1e)", choice,
+             dense * 1e3, onednn * 1e3, err)
+    return choice
+
+
+def onednn_rows_exact(weights: list[torch.Tensor]) -> bool:
+    """Whether oneDNN's packed fp32 linear gives every row the same bits alone and in batches of
+    several sizes, for these weights (it did on the dev CPU; a build or CPU where it does not keeps
+    int8 prompt rows on the int8 path, which is exact by construction)."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for weight in weights:
+            packed = pack_onednn(weight)
+            x = torch.randn(70, weight.shape[1], generator=gen)
+            whole = onednn_linear(x, packed, None)
+            for size in (1, 2, 3, 5, 8, 16, 33):
+                parts = torch.cat([onednn_linear(x[i : i + size], packed, None) for i in range(0, 70, size)])
+                if not torch.equal(parts, whole):
+                    return False
+    except RuntimeError as e:  # a torch without oneDNN's packed linear
+        log.info("oneDNN packed linear unavailable (%s)", e)
+        return False
+    return True
+
+
+class HybridWeight(NamedTuple):
+    dense: torch.Tensor  # oneDNN-packed fp32
+    int8: Int8Weight
+
+
+class PromptRowsDense:
+    """int8 dtypes: prompt-token rows through oneDNN fp32, every other row through int8.
+
+    Why: without VNNI, fbgemm's int8 is compute-bound once many rows go in, and split weights times
+    two activation passes are 4x its work, so a long prompt chunk cost ~2.4x its fp32 time (one
+    layer, 256 rows: ~42 ms against ~17.5 on the dev CPU). Decoding and verification rows stay
+    int8, where reading the weights is the cost. A row's path depends only on whether its token is a
+    prompt token, never on the step's shape, and both paths give a row the same bits alone or
+    batched (oneDNN checked at load: onednn_rows_exact), so greedy output under every drafter stays
+    token-identical to `--spec none`. A preempted request's recomputed output tokens stay int8.
+    """
+
+    def __init__(self):
+        self.int8 = RowScaledInt8Linear()
+        self.dense = FusedLinear(onednn_linear)
+        self._route: tuple[torch.Tensor, torch.Tensor] | str = "int8"
+
+    def set_rows(self, prompt_rows: torch.Tensor | None) -> None:
+        """prompt_rows # [num_tokens] bool (None: none) routes the next forward's rows."""
+        if prompt_rows is None or not bool(prompt_rows.any()):
+            self._route = "int8"
+        elif bool(prompt_rows.all()):
+            self._route = "dense"
+        else:
+            self._route = (prompt_rows.nonzero().squeeze(1), (~prompt_rows).nonzero().squeeze(1))
+
+    def __call__(self, x, weight: HybridWeight, bias, norm=None, residual=None):
+        if self._route == "int8":
+            return self.int8(x, weight.int8, bias, norm, residual)
+        if self._route == "dense":
+            return self.dense(x, weight.dense, bias, norm, residual)
+        parts = []
+        for rows, linear, w in ((self._route[0], self.dense, weight.dense), (self._route[1], self.int8, weight.int8)):
+            part_residual = None if residual is None else residual.index_select(0, rows)
+            parts.append((rows, linear(x.index_select(0, rows), w, bias, norm, part_residual)))
+        out = residual if residual is not None else torch.empty(x.shape[0], parts[0][1].shape[1], dtype=x.dtype)
+        for rows, y in parts:
+            out.index_copy_(0, rows, y)
+        return out

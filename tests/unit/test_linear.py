@@ -1,0 +1,75 @@
+"""engine/models/linear.py: int8 models run prompt rows through oneDNN fp32 and every other row
+through int8; each row's bits depend only on its token's role, never on the rest of the step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.models import linear
+from engine.models.int8 import quantize_weight
+from engine.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput
+
+
+def test_rows_exact_check_catches_a_batch_dependent_linear(monkeypatch):
+    weights = [torch.randn(64, 32)]
+    assert linear.onednn_rows_exact(weights)  # oneDNN's packed fp32 linear on this machine
+    batch_dependent = lambda x, w, b: torch.nn.functional.linear(x, w) + 1e-3 * x.shape[0]  # noqa: E731
+    monkeypatch.setattr(linear, "onednn_linear", batch_dependent)
+    assert not linear.onednn_rows_exact(weights)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixed_rows_take_their_own_path_with_the_same_bits_as_alone(fused):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=gen) * 0.1
+    weight = linear.HybridWeight(linear.pack_onednn(w), quantize_weight(w, split=True))
+    x = torch.randn(7, 32, generator=gen)
+    prompt = torch.tensor([True, True, False, True, False, False, True])
+    norm = (torch.rand(32, generator=gen) + 0.5, 1e-5) if fused else None
+    residual = torch.randn(7, 48, generator=gen) if fused else None
+    layer = linear.PromptRowsDense()
+
+    def run(rows_mask, rows):
+        layer.set_rows(rows_mask)
+        return layer(x[rows], weight, None, norm, None if residual is None else residual[rows].clone())
+
+    layer.set_rows(prompt)
+    mixed = layer(x, weight, None, norm, None if residual is None else residual.clone())
+    for row in range(7):
+        alone = run(prompt[row : row + 1], slice(row, row + 1))
+        assert torch.equal(mixed[row : row + 1], alone), f"row {row}"
+    dense = run(torch.ones(7, dtype=torch.bool), slice(None))
+    int8 = run(None, slice(None))
+    assert torch.equal(mixed[prompt], dense[prompt]) and torch.equal(mixed[~prompt], int8[~prompt])
+    assert not torch.equal(dense, int8)
+
+
+def test_model_routes_by_role_and_a_decode_row_is_the_same_next_to_a_prefill(tiny_model_dir):
+    runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 1024), dtype="int8")
+    assert runner.model.prompt_rows_dense
+    blocks = iter(range(256))
+    gen = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 49152, (n,), generator=gen).tolist()  # noqa: E731
+
+    def request(name, tokens, num_prompt):
+        return Request(name, tokens, num_prompt, SamplingParams(), block_ids=[next(blocks) for _ in range(12)])
+
+    # a recomputed request (preempted after 3 output tokens): its output tokens stay on the int8 path
+    again = request("again", ids(9), 6)
+    meta = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(again, 9)])).attn_metadata
+    assert meta.prompt_rows.tolist() == [True] * 6 + [False] * 3
+
+    decoding = request("d", ids(10), 9)
+    runner.execute(SchedulerOutput([ScheduledRequest(decoding, 9)]))
+    decoding.num_computed_tokens = 9
+    alone = runner.execute(SchedulerOutput([ScheduledRequest(decoding, 1)])).logits
+    prompt = ids(14)
+    first = request("p1", prompt, 14)
+    prefill_alone = runner.execute(SchedulerOutput([ScheduledRequest(first, 14)])).logits
+    second = request("p2", prompt, 14)
+    mixed = runner.execute(SchedulerOutput([ScheduledRequest(second, 14), ScheduledRequest(decoding, 1)])).logits
+    assert torch.equal(mixed[0:1], prefill_alone) and torch.equal(mixed[1:2], alone)
+    as_generated = request("g", prompt, 0)  # the same tokens on the int8 path give other bits
+    assert not torch.equal(runner.execute(SchedulerOutput([ScheduledRequest(as_generated, 14)])).logits, prefill_alone)
