@@ -132,7 +132,7 @@ class LlamaModel:
             self._logits_linear = self._linear.int8
             self._pack_layers(lambda weight, name: HybridWeight(pack_onednn(weight), quantize(weight, name)))
         else:
-            log.info("int8 prompt rows stay int8: oneDNN's packed fp32 linear is unavailable or not batch-invariant here")
+            log.info("int8 prompt rows stay int8: oneDNN's packed fp32 linear is missing or not batch-invariant")
             self._linear = self._logits_linear = RowScaledInt8Linear()
             self._pack_layers(quantize)
         self.lm_head = quantize(self.lm_head, "lm_head")
