@@ -74,7 +74,9 @@ def generate_data(model: str, out: str | Path, config: DataConfig, spec_bench_di
     prompts, dropped = check_disjoint(build_prompts(config.num_prompts, config.seed), evaluation_texts(spec_bench_dir))
     if dropped:
         log.info("dropped %d prompts that overlap the evaluation data", len(dropped))
-    engine = LLMEngine(engine_config or EngineConfig(model=model, spec="none"))
+    # fp32: the trainer's frozen model (engine/train/frozen.py) runs the fp32 weights, so the targets
+    # are that model's own tokens, whatever dtype serves it.
+    engine = LLMEngine(engine_config or EngineConfig(model=model, spec="none", dtype="fp32"))
     todo = _requests(engine, [p for p in prompts if p.prompt_id not in done], config)
     hidden = _HiddenWriter(model_dir, out) if hidden_states else None
     with out.open("a") as f:
