@@ -52,6 +52,20 @@ def test_c_matches_reference(rows, k):
 
 
 @needs_cc
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_c_matches_reference_when_every_block_or_none_holds_a_candidate(order):
+    """The C pass skips 32-logit blocks with nothing above the k-th held value: sorted logits make
+    every block (ascending) or no block (descending) hold a new candidate."""
+    logits, hidden, weight = _inputs(3, 11)
+    logits = logits.sort(dim=-1, descending=order == "descending").values
+    logits[:, 64] = logits.max() + 1  # the first logit of block 2, right after skipped block 1
+    want = _run(ref.rescore_top_k, logits, hidden, weight, 7)
+    got = _run(rescore.rescore_top_k, logits, hidden, weight, 7)
+    assert torch.equal(got != logits, want != logits)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_cc
 def test_a_row_is_the_same_alone_and_in_a_batch_with_strided_inputs():
     logits, hidden, weight = _inputs(9, 7)
     wide = torch.randn(9, VOCAB + 5)
