@@ -127,8 +127,10 @@ def test_outputs_in_order_on_the_engine_thread():
         assert "".join(o.new_text for o in outs) == "abcd"
         assert [o.finish_reason for o in outs] == [None, None, None, FinishReason.LENGTH]
         assert threading.get_ident() not in engine.thread_ids and len(engine.thread_ids) == 1
-        assert exporter.steps >= 4
         await client.shutdown(timeout=1)
+        # after shutdown: a step's outputs are sent before the step is observed, so the last
+        # observation can land just after the client has its final output
+        assert exporter.steps >= 4
     run(main())
 
 
