@@ -14,6 +14,7 @@ import sys
 
 from engine.config import DEFAULT_MODEL, DTYPES, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
 from engine.train.cli import add_train_parser, run_train
+from server.hugepages import reexec_with_hugepages
 from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
 
 log = logging.getLogger("specd")
@@ -148,6 +149,8 @@ def download_default(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("serve", "train"):
+        reexec_with_hugepages()  # before torch allocates anything (server/hugepages.py)
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return serve(args)

@@ -1,6 +1,9 @@
 """The OpenAI API through the official SDK against the real server (tiny random-weight model)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -124,3 +127,14 @@ def test_health_version_metrics(server_url, client):
     assert httpx.get(f"{server_url}/version").json()["version"]
     metrics = httpx.get(f"{server_url}/metrics").text
     assert "specd_requests_running" in metrics and "specd_generation_tokens_total" in metrics
+
+
+def test_served_process_asks_for_huge_pages_where_it_can(server):
+    """`specd serve` re-executes itself with glibc's huge-page tunable (server/hugepages.py)."""
+    from server.hugepages import glibc_version, hugepage_env, thp_mode
+
+    environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+    tunable_set = any(e.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in e for e in environ)
+    inherited = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    supported = hugepage_env({}, glibc_version(), thp_mode()) is not None
+    assert tunable_set == (inherited or (supported and os.environ.get("SPECD_HUGEPAGES") != "0"))
