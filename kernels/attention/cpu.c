@@ -11,11 +11,16 @@
  * Speed (2-core AVX2 dev CPU, 9 heads, 600 keys): dot products four keys at a time (independent FMA
  * chains instead of one chain waiting on the adder) and the weighted sum of V in registers made a
  * decode row 2x faster (~190 -> ~105 us per layer), 8 verify rows 1.8x. In a served step the K/V
- * rows come from DRAM (the weights streamed since evict them), scattered by the block table, so the
- * loops stall on loads: prefetching PREFETCH_KEYS ahead through the block table and scoring a KV
- * head's whole query group per key load took one decode row over 600 keys (30 layers' caches,
- * flushed between steps, blocks scattered, same process A/B) from 360-390 to 290-310 us per layer,
- * 2000 keys 1050-1100 -> 780-870, a 64-row prompt chunk 2310 -> 2100. Bits unchanged.
+ * rows come from DRAM (the weights streamed since evict them), scattered by the block table, so
+ * - keys and values are prefetched PREFETCH_KEYS ahead through the block table,
+ * - a KV head's whole query group is scored per key load, two queries per pass over a key's chunks,
+ * - the value sums of a row's heads share one pass over the values (12 FMA chains in flight; the
+ *   softmax denominators are summed in the same pass, in the same key order),
+ * - the four dot products of a key quad are reduced together (a 4x4 transpose, same additions).
+ * Against the build before these four changes, in one process (30 layers' caches flushed between steps, blocks
+ * scattered, 2 threads): one decode row over 600 keys 358 -> 280 us per layer, over 2000 keys
+ * 916 -> 632, 11 verify rows over 600 keys 630 -> 476, a 64-row prompt chunk 2422 -> 1616, a 256-row
+ * chunk over 300 + 256 keys 2864 -> 2105. Every output has the bits it had.
  */
 #include <math.h>
 #include <pthread.h>
@@ -27,6 +32,7 @@
 #define MAX_THREADS 64
 #define MIN_WORK_PER_THREAD 256 /* new rows x keys of the whole step */
 #define PREFETCH_KEYS 32 /* keys ahead of the one scored: a DRAM round trip at a few ns per key */
+#define MIX_HEADS 3 /* heads whose value sums share a pass: 4 x 3 accumulators fill the 16 registers */
 #define ROW_BLOCK 16 /* new rows attended together: their keys are read once, scratch stays small */
 
 /* Ask for a key or value row (n floats, 16 per cache line) before it is needed. */
@@ -38,17 +44,21 @@ static inline void prefetch_row(const float *row, int64_t n) {
 #include <immintrin.h>
 #define SIMD 1
 
-/* Sum of a vector's 8 lanes, always in the same order. */
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+/* The 8-lane sums of four vectors, lane t of the result for vector t, each added in one fixed order:
+ * (l0 + l4) + (l2 + l6) and (l1 + l5) + (l3 + l7), then those two. A 4x4 transpose lets the last two
+ * steps run for the four sums at once instead of one horizontal chain per vector. */
+static inline __m128 hsum8x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m128 x0 = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    __m128 x1 = _mm_add_ps(_mm256_castps256_ps128(a1), _mm256_extractf128_ps(a1, 1));
+    __m128 x2 = _mm_add_ps(_mm256_castps256_ps128(a2), _mm256_extractf128_ps(a2, 1));
+    __m128 x3 = _mm_add_ps(_mm256_castps256_ps128(a3), _mm256_extractf128_ps(a3, 1));
+    _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+    return _mm_add_ps(_mm_add_ps(x0, x2), _mm_add_ps(x1, x3));
 }
 
-/* q . key for four keys, each accumulated lane-wise in dimension order and summed by hsum8: the same
+/* q . key for four keys, each accumulated lane-wise in dimension order and summed by hsum8x4: the same
  * arithmetic for a key whichever slot of the four it takes, four chains in flight. n % 8 == 0. */
-static inline void dot4(const float *q, const float *const *keys, int64_t n, float *out) {
+static inline __m128 dot4(const float *q, const float *const *keys, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < n; i += LANES) {
         __m256 x = _mm256_loadu_ps(q + i);
@@ -57,23 +67,29 @@ static inline void dot4(const float *q, const float *const *keys, int64_t n, flo
         a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[2] + i), a2);
         a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[3] + i), a3);
     }
-    out[0] = hsum8(a0), out[1] = hsum8(a1), out[2] = hsum8(a2), out[3] = hsum8(a3);
+    return hsum8x4(a0, a1, a2, a3);
 }
 
-/* out[d] = sum over keys, in key order, of p[k] * v_k[d], for 64 dims held in registers. */
-static inline void weighted_sum64(const float *p, const float *v_cache, const int64_t *rows, int64_t kv_head,
-                                  int64_t head_dim, int64_t d0, int64_t n, float *out) {
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n; ++k) {
-        if (k + PREFETCH_KEYS < n) prefetch_row(v_cache + (rows[k + PREFETCH_KEYS] + kv_head) * head_dim + d0, 64);
-        if (p[k] == 0.0f) continue;
-        __m256 w = _mm256_broadcast_ss(p + k);
-        const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+/* dot4 for two queries at once: each key chunk is loaded once for both, eight chains in flight.
+ * Each query's sums are dot4's, term for term. */
+static inline void dot4x2(const float *qa, const float *qb, const float *const *keys, int64_t n, __m128 *ra,
+                          __m128 *rb) {
+    const float *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        __m256 y0 = _mm256_loadu_ps(k0 + i), y1 = _mm256_loadu_ps(k1 + i);
+        __m256 y2 = _mm256_loadu_ps(k2 + i), y3 = _mm256_loadu_ps(k3 + i);
+        __m256 x = _mm256_loadu_ps(qa + i);
+        a0 = _mm256_fmadd_ps(x, y0, a0), a1 = _mm256_fmadd_ps(x, y1, a1);
+        a2 = _mm256_fmadd_ps(x, y2, a2), a3 = _mm256_fmadd_ps(x, y3, a3);
+        x = _mm256_loadu_ps(qb + i);
+        b0 = _mm256_fmadd_ps(x, y0, b0), b1 = _mm256_fmadd_ps(x, y1, b1);
+        b2 = _mm256_fmadd_ps(x, y2, b2), b3 = _mm256_fmadd_ps(x, y3, b3);
     }
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+    *ra = hsum8x4(a0, a1, a2, a3);
+    *rb = hsum8x4(b0, b1, b2, b3);
 }
+
 #endif
 
 /* Portable versions (any head_dim; bits differ from the SIMD ones, but one build uses one of them). */
@@ -90,7 +106,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 static inline void scores4(const float *q, const float *const *keys, int64_t n, float *out) {
 #ifdef SIMD
     if (n % LANES == 0) {
-        dot4(q, keys, n, out);
+        _mm_storeu_ps(out, dot4(q, keys, n));
         return;
     }
 #endif
@@ -99,16 +115,94 @@ static inline void scores4(const float *q, const float *const *keys, int64_t n, 
 
 static inline void weighted_sum(const float *p, const float *v_cache, const int64_t *rows, int64_t kv_head,
                                 int64_t head_dim, int64_t n, float *out) {
-    int64_t d0 = 0;
-#ifdef SIMD
-    for (; d0 + 64 <= head_dim; d0 += 64) weighted_sum64(p, v_cache, rows, kv_head, head_dim, d0, n, out + d0);
-#endif
-    if (d0 == head_dim) return;
-    for (int64_t d = d0; d < head_dim; ++d) out[d] = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) out[d] = 0.0f;
     for (int64_t k = 0; k < n; ++k) {
         if (p[k] == 0.0f) continue;
         const float *v = v_cache + (rows[k] + kv_head) * head_dim;
-        for (int64_t d = d0; d < head_dim; ++d) out[d] += p[k] * v[d];
+        for (int64_t d = 0; d < head_dim; ++d) out[d] += p[k] * v[d];
+    }
+}
+
+/* Scaled scores of one or two queries against four keys; only the first `count` are stored. */
+static inline void store_scores(const float *s4, float scale, int64_t count, float *out) {
+    for (int i = 0; i < count; ++i) out[i] = s4[i] * scale;
+}
+
+static inline void score_queries(const float *qa, const float *qb, const float *const *keys, int64_t n, float scale,
+                                 int64_t count, float *out_a, float *out_b) {
+    float sa[4], sb[4];
+#ifdef SIMD
+    if (qb && n % LANES == 0) {
+        __m128 ra, rb;
+        dot4x2(qa, qb, keys, n, &ra, &rb);
+        _mm_storeu_ps(sa, ra);
+        _mm_storeu_ps(sb, rb);
+        store_scores(sa, scale, count, out_a);
+        store_scores(sb, scale, count, out_b);
+        return;
+    }
+#endif
+    scores4(qa, keys, n, sa);
+    store_scores(sa, scale, count, out_a);
+    if (qb) {
+        scores4(qb, keys, n, sb);
+        store_scores(sb, scale, count, out_b);
+    }
+}
+
+#ifdef SIMD
+/* For nh heads (NH at compile time) of one row: out_h = (sum_k p_h[k] v_k) / (sum_k p_h[k]), 32 dims
+ * per pass over the keys. Every lane and every sum adds the same terms in key order as weighted_sum
+ * and a plain loop would (a weight of exactly 0, a masked key, adds nothing), so the bits are theirs;
+ * what changes is that 4 * NH independent FMA chains are in flight instead of 8 in turn per head,
+ * and each value row is loaded once for the heads sharing it. head_dim % 32 == 0. */
+static inline __attribute__((always_inline)) void mix_values_nh(const int NH, const float *const *p,
+        const float *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+    float sums[MIX_HEADS] = {0.0f};
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
+        __m256 acc[MIX_HEADS][4];
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; ++k) {
+            if (k + PREFETCH_KEYS < n) prefetch_row(v_cache + (rows[k + PREFETCH_KEYS] + kv_head) * head_dim + d0, 32);
+            const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
+            __m256 w[MIX_HEADS];
+            for (int h = 0; h < NH; ++h) w[h] = _mm256_broadcast_ss(p[h] + k);
+            /* 4 * NH accumulators and NH weights fill the registers; the value chunks are
+             * re-read from L1 (a register for them spilled an accumulator: 1.5x slower) */
+            for (int c = 0; c < 4; ++c) {
+                __m256 vc = _mm256_loadu_ps(v + 8 * c);
+                for (int h = 0; h < NH; ++h) acc[h][c] = _mm256_fmadd_ps(w[h], vc, acc[h][c]);
+            }
+            if (d0 == 0)
+                for (int h = 0; h < NH; ++h) sums[h] += p[h][k];
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[h] + d0 + 8 * c, acc[h][c]);
+    }
+    for (int h = 0; h < NH; ++h) {
+        float inv = 1.0f / sums[h];
+        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
+    }
+}
+#endif
+
+static void mix_values(const float *const *p, int64_t nh, const float *v_cache, const int64_t *rows, int64_t kv_head,
+                       int64_t head_dim, int64_t n, float *const *out) {
+#ifdef SIMD
+    if (head_dim % 32 == 0) {
+        if (nh == 3) mix_values_nh(3, p, v_cache, rows, kv_head, head_dim, n, out);
+        else if (nh == 2) mix_values_nh(2, p, v_cache, rows, kv_head, head_dim, n, out);
+        else mix_values_nh(1, p, v_cache, rows, kv_head, head_dim, n, out);
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < nh; ++h) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < n; ++k) sum += p[h][k]; /* in key order: masked keys (0) change nothing */
+        weighted_sum(p[h], v_cache, rows, kv_head, head_dim, n, out[h]);
+        float inv = 1.0f / sum;
+        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
     }
 }
 
@@ -167,20 +261,24 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
         /* causal: rows before k - ctx see none of the four; a row that sees only some gets scores for
          * keys past its own end too, which it never reads */
         int64_t first = (!tree && k - ctx > j0) ? k - ctx : j0;
-        for (int64_t j = first; j < j1; ++j)
-            for (int64_t g = g0; g < g1; ++g) {
-                float s4[4];
-                scores4(q + (q0 + j) * q_stride + (kv_head * group + g) * head_dim, keys, head_dim, s4);
-                float *s = scores + (g * block + j - j0) * kv_len + k;
-                for (int i = 0; i < count; ++i) s[i] = s4[i] * scale;
+        /* the (row, head) queries, two at a time: t -> row first + t / heads, head g0 + t % heads */
+        int64_t heads = g1 - g0, num_queries = (j1 - first) * heads;
+        for (int64_t t = 0; t < num_queries; t += 2) {
+            const float *qs[2] = {NULL, NULL};
+            float *outs[2] = {NULL, NULL};
+            for (int64_t u = 0; u < 2 && t + u < num_queries; ++u) {
+                int64_t j = first + (t + u) / heads, g = g0 + (t + u) % heads;
+                qs[u] = q + (q0 + j) * q_stride + (kv_head * group + g) * head_dim;
+                outs[u] = scores + (g * block + j - j0) * kv_len + k;
             }
+            score_queries(qs[0], qs[1], keys, head_dim, scale, count, outs[0], outs[1]);
+        }
     }
-    for (int64_t j = j0; j < j1; ++j)
-        for (int64_t g = g0; g < g1; ++g) {
-            int64_t head = kv_head * group + g, row_keys = tree ? kv_len : ctx + j + 1;
-            const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
+    for (int64_t j = j0; j < j1; ++j) {
+        int64_t row_keys = tree ? kv_len : ctx + j + 1;
+        const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
+        for (int64_t g = g0; g < g1; ++g) { /* scores -> exp(score - max), masked keys exactly 0 */
             float *s = scores + (g * block + j - j0) * kv_len;
-            float *o = out + ((q0 + j) * num_heads + head) * head_dim;
             if (seen)
                 for (int64_t n = 0; n < q_len; ++n)
                     if (!seen[n]) s[ctx + n] = -INFINITY;
@@ -189,12 +287,18 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
             if (seen)
                 for (int64_t n = 0; n < q_len; ++n)
                     if (!seen[n]) s[ctx + n] = 0.0f;
-            float sum = 0.0f;
-            for (int64_t k = 0; k < row_keys; ++k) sum += s[k]; /* in key order: masked keys (0) change nothing */
-            weighted_sum(s, v_cache, rows, kv_head, head_dim, row_keys, o);
-            float inv = 1.0f / sum;
-            for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv;
         }
+        for (int64_t g = g0; g < g1; g += MIX_HEADS) {
+            int64_t nh = g1 - g < MIX_HEADS ? g1 - g : MIX_HEADS;
+            const float *p[MIX_HEADS];
+            float *o[MIX_HEADS];
+            for (int64_t h = 0; h < nh; ++h) {
+                p[h] = scores + ((g + h) * block + j - j0) * kv_len;
+                o[h] = out + ((q0 + j) * num_heads + kv_head * group + g + h) * head_dim;
+            }
+            mix_values(p, nh, v_cache, rows, kv_head, head_dim, row_keys, o);
+        }
+    }
 }
 
 /* The step's work: units of (request, block of up to ROW_BLOCK rows, KV head, query heads of its
