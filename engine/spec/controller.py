@@ -11,7 +11,12 @@ draft only pays when it is likely to be accepted. The controller therefore
   method's running average; a request with no record of its own, or one that has not verified a
   draft for EXPLORE_AFTER steps, is judged at least EXPLORE_ALPHA, so one bad category earlier in
   the server's life (creative writing for prompt lookup) cannot stop a translation request from
-  ever finding out that its drafts are accepted,
+  ever finding out that its drafts are accepted; and when even that plans no draft, the idle
+  request verifies one draft anyway (a probe, at most one step in EXPLORE_AFTER + 1 per request):
+  decode steps teach the cost curve only what one row costs, so a start-up calibration that caught
+  a slow moment for 2+ rows (2 rows at 1.6-1.8x one row, where a quiet step costs ~1.1x) otherwise
+  kept speculation off for the server's lifetime (seen here: prompt lookup never drafted again after
+  a few plain requests),
 - plans the step: the j-th draft of request i is accepted with probability alpha_i^j; over all
   proposed drafts, sorted by that gain, it keeps the prefix D that maximises the expected tokens per
   second (B + G(D)) / cost(R + D), where B is the number of decoding requests, G(D) the summed
@@ -40,16 +45,17 @@ class StepCostModel:
         self.points = dict(points or {1: 1.0, 128: 1.0})  # flat until calibrated: rows look free
 
     def calibrate(self, run_rows: Callable[[int], None], rows=CALIBRATION_ROWS, repeats: int = 3) -> None:
-        """Time `run_rows(n)` (one forward over n rows) and keep the fastest of `repeats` per n."""
+        """Time `run_rows(n)` (one forward over n rows) and keep the fastest of `repeats` per n.
+
+        The repeats are rounds over all n, not back-to-back runs of one n: a slow spell of a shared
+        host (seconds long here) then inflates at most one sample of each n, not all of one n's."""
         run_rows(rows[0])  # warm-up: first-touch allocations are not the steady state
-        points = {}
-        for n in rows:
-            best = float("inf")
-            for _ in range(repeats):
+        points = {n: float("inf") for n in rows}
+        for _ in range(repeats):
+            for n in rows:
                 start = time.perf_counter()
                 run_rows(n)
-                best = min(best, time.perf_counter() - start)
-            points[n] = best
+                points[n] = min(points[n], time.perf_counter() - start)
         self.points = points
         self._make_monotonic()
 
@@ -153,6 +159,11 @@ class DraftController:
         keep: dict[str, int] = {}
         for _, _, rid in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
+        if not keep:
+            probe = next((rid for _, _, rid in gains
+                          if proposals[rid][0].state.get("draft_idle_steps", 0) >= EXPLORE_AFTER), None)
+            if probe is not None:  # see the module docstring: the curve learns only from rows it sees
+                keep[probe] = 1
         for rid, (request, _, _) in proposals.items():
             request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1
         return keep
