@@ -197,6 +197,14 @@ def summarize(rows: list[dict]) -> dict:
         out["best_code_vs_llama_cpp"] = out["specd_best_code"] / out["llama_cpp_code"]
     if out["specd_best_code"] and out["specd_int8_plain_code"]:
         out["best_code_vs_int8_plain"] = out["specd_best_code"] / out["specd_int8_plain_code"]
+    # issue 7's own pair: speculation against plain decoding at the same dtype (int8, not int8-fast)
+    spec = [r["tok_s"] for r in rows if r["system"].startswith("specd int8 ") and not r["system"].endswith(" none")
+            and r["prompts"] == "code_edit" and r["concurrency"] == 1]
+    out["specd_int8_spec_code"] = max(spec) if spec else None
+    if out["specd_int8_spec_code"] and out["specd_int8_plain_code"]:
+        out["int8_spec_vs_int8_plain_code"] = out["specd_int8_spec_code"] / out["specd_int8_plain_code"]
+    if out["specd_int8_spec_code"] and out["llama_cpp_code"]:
+        out["int8_spec_code_vs_llama_cpp"] = out["specd_int8_spec_code"] / out["llama_cpp_code"]
     return out
 
 
