@@ -11,8 +11,9 @@ draft only pays when it is likely to be accepted. The controller therefore
   method's running average; a request with no record of its own, or one that has not verified a
   draft for EXPLORE_AFTER steps, is judged at least EXPLORE_ALPHA, so one bad category earlier in
   the server's life (creative writing for prompt lookup) cannot stop a translation request from
-  ever finding out that its drafts are accepted; and when even that plans no draft, the idle
-  request verifies one draft anyway (a probe, at most one step in EXPLORE_AFTER + 1 per request):
+  ever finding out that its drafts are accepted; and when even that plans no draft for
+  EXPLORE_AFTER plans running, an idle request verifies one draft anyway (a probe: at most one
+  draft per EXPLORE_AFTER + 1 steps for the whole batch, the cost curve being the batch's):
   decode steps teach the cost curve only what one row costs, so a start-up calibration that caught
   a slow moment for 2+ rows (2 rows at 1.6-1.8x one row, where a quiet step costs ~1.1x) otherwise
   kept speculation off for the server's lifetime (seen here: prompt lookup never drafted again after
@@ -32,10 +33,10 @@ from typing import Callable
 from engine.types import Request
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
-PRIOR_WEIGHT = 2.0
+PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate
 ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
 EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
-EXPLORE_AFTER = 8  # a request offered drafts this many steps running without verifying any retries once  # pseudo-observations of the method's average behind each request's estimate
+EXPLORE_AFTER = 8  # a request offered drafts this many steps running without verifying any retries once
 
 
 class StepCostModel:
@@ -120,6 +121,7 @@ class DraftController:
         self.adaptive = adaptive
         """False: always verify every proposed draft (for measuring, and for tests)."""
         self.method_stats: dict[str, AcceptanceStats] = {}
+        self._plans_since_draft = 0  # plans in a row that verified no draft at all (probe pacing)
 
     def alpha(self, request: Request, method: str) -> float:
         prior = self.method_stats.setdefault(method, AcceptanceStats()).alpha()
@@ -159,11 +161,13 @@ class DraftController:
         keep: dict[str, int] = {}
         for _, _, rid in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
-        if not keep:
+        self._plans_since_draft = 0 if keep else self._plans_since_draft + 1
+        if self._plans_since_draft > EXPLORE_AFTER:  # a probe: the curve learns only from rows it sees
             probe = next((rid for _, _, rid in gains
                           if proposals[rid][0].state.get("draft_idle_steps", 0) >= EXPLORE_AFTER), None)
-            if probe is not None:  # see the module docstring: the curve learns only from rows it sees
+            if probe is not None:
                 keep[probe] = 1
+                self._plans_since_draft = 0
         for rid, (request, _, _) in proposals.items():
             request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1
         return keep

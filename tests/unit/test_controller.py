@@ -136,3 +136,19 @@ def test_probes_repair_a_calibration_that_says_drafts_never_pay():
     assert drafted[0] == 0  # the bad curve says no at first
     assert all(k > 0 for k in drafted[-20:]), drafted[-40:]
     assert model.cost(6) == pytest.approx(truth.cost(6), rel=0.1)  # the step it now runs
+
+
+def test_probes_are_paced_for_the_whole_batch():
+    """Eight idle requests on a curve that says no: one probe draft per EXPLORE_AFTER + 1 steps in all,
+    not one per request (a probe teaches the batch's cost curve, which all requests share)."""
+    from engine.spec.controller import EXPLORE_AFTER
+
+    controller = DraftController(StepCostModel({1: 1.0, 128: 128.0}))
+    requests = [make_request(f"r{i}") for i in range(8)]
+    for r in requests:
+        for _ in range(10):
+            controller.record(r, "ngram", 5, 0)
+    offers = {r.request_id: (r, "ngram", [1, 2, 3]) for r in requests}
+    steps = 10 * (EXPLORE_AFTER + 1)
+    probes = sum(sum(controller.plan(offers, num_base_rows=8).values()) for _ in range(steps))
+    assert 1 <= probes <= steps // (EXPLORE_AFTER + 1), probes
