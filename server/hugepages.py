@@ -51,7 +51,9 @@ def hugepage_env(environ: dict[str, str], glibc: tuple[int, int] | None, mode: s
 def reexec_with_hugepages() -> None:
     """Replace this process by itself with the tunable set (returns only when that is not needed)."""
     env = hugepage_env(dict(os.environ), glibc_version(), thp_mode())
-    if env is None:
+    if env is None or not sys.executable:  # embedded interpreters have no executable to restart
         return
-    argv = [sys.executable, *sys.orig_argv[1:]]
-    os.execve(sys.executable, argv, env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as exc:  # serving on 4 KiB pages beats not serving
+        print(f"specd: could not restart with {TUNABLE} ({exc}); continuing without huge pages", file=sys.stderr)

@@ -34,3 +34,19 @@ def test_reads_the_kernel_mode(tmp_path, monkeypatch):
     assert thp_mode() == "madvise"
     monkeypatch.setattr(hp, "THP_MODE", tmp_path / "missing")
     assert thp_mode() is None
+
+
+def test_a_failed_restart_leaves_the_process_running(monkeypatch, capsys):
+    import server.hugepages as hp
+
+    monkeypatch.setattr(hp, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hp, "thp_mode", lambda: "madvise")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("SPECD_HUGEPAGES", raising=False)
+
+    def refuse(*args):
+        raise PermissionError("no exec here")
+
+    monkeypatch.setattr(hp.os, "execve", refuse)
+    hp.reexec_with_hugepages()  # returns instead of raising
+    assert "continuing without huge pages" in capsys.readouterr().err
