@@ -17,10 +17,11 @@
  * - the value sums of a row's heads share one pass over the values (12 FMA chains in flight; the
  *   softmax denominators are summed in the same pass, in the same key order),
  * - the four dot products of a key quad are reduced together (a 4x4 transpose, same additions).
- * Against the build before these four changes, in one process (30 layers' caches flushed between steps, blocks
- * scattered, 2 threads): one decode row over 600 keys 358 -> 280 us per layer, over 2000 keys
- * 916 -> 632, 11 verify rows over 600 keys 630 -> 476, a 64-row prompt chunk 2422 -> 1616, a 256-row
- * chunk over 300 + 256 keys 2864 -> 2105. Every output has the bits it had.
+ * Against the build before these four changes, in one process (30 layers' caches flushed between
+ * steps, blocks scattered, 2 threads), us per layer: one decode row over 600 keys 358 -> 280, over
+ * 2000 keys 916 -> 632, 11 verify rows over 600 keys 630 -> 476, 16 decode rows over 200 keys
+ * 1006 -> 629, a 64-row prompt chunk 2422 -> 1616, a 256-row chunk over 300 keys 2864 -> 2105.
+ * Every output has the bits it had.
  */
 #include <math.h>
 #include <pthread.h>
@@ -168,8 +169,8 @@ static inline __attribute__((always_inline)) void mix_values_nh(const int NH, co
             const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
             __m256 w[MIX_HEADS];
             for (int h = 0; h < NH; ++h) w[h] = _mm256_broadcast_ss(p[h] + k);
-            /* 4 * NH accumulators and NH weights fill the registers; the value chunks are
-             * re-read from L1 (a register for them spilled an accumulator: 1.5x slower) */
+            /* 4 * NH accumulators, NH weights and one value chunk fill the 16 registers; holding
+             * all four chunks spilled an accumulator to the stack (6 verify rows: 1.7x slower) */
             for (int c = 0; c < 4; ++c) {
                 __m256 vc = _mm256_loadu_ps(v + 8 * c);
                 for (int h = 0; h < NH; ++h) acc[h][c] = _mm256_fmadd_ps(w[h], vc, acc[h][c]);
