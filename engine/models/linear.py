@@ -104,13 +104,14 @@ class HybridWeight(NamedTuple):
 class PromptRowsDense:
     """int8 dtypes: prompt-token rows through oneDNN fp32, every other row through int8.
 
-    Why: without VNNI, fbgemm's int8 is compute-bound once many rows go in, and split weights times
-    two activation passes are 4x its work: at 256 rows one layer's qkv, gate_up and down took 39 ms
-    against 16 ms in fp32 on the dev CPU, and a 256-token prompt chunk of the model 1.3 s against 0.65. Decoding and verification rows stay
-    int8, where reading the weights is the cost. A row's path depends only on whether its token is a
-    prompt token, never on the step's shape, and both paths give a row the same bits alone or
-    batched (oneDNN checked at load: onednn_rows_exact), so greedy output under every drafter stays
-    token-identical to `--spec none`. A preempted request's recomputed output tokens stay int8.
+    Why: without VNNI, fbgemm's int8 is compute-bound once many rows go in, and split weights times two
+    activation passes are 4x its work: at 256 rows one layer's qkv, gate_up and down took 39 ms
+    against 16 ms in fp32 on the dev CPU, and a 256-token prompt chunk of the model 1.3 s against
+    0.65. Decoding and verification rows stay int8, where reading the weights is the cost. A row's
+    path depends only on whether its token is a prompt token, never on the step's shape, and both
+    paths give a row the same bits alone or batched (oneDNN checked at load: onednn_rows_exact), so
+    greedy output under every drafter stays token-identical to `--spec none`. A preempted request's
+    recomputed output tokens stay int8.
     """
 
     def __init__(self):

@@ -36,7 +36,7 @@ CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate
 ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
 EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
-EXPLORE_AFTER = 8  # a request offered drafts this many steps running without verifying any retries once
+EXPLORE_AFTER = 8  # offers without a verified draft before a request retries; draftless plans before a probe
 
 
 class StepCostModel:

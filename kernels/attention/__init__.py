@@ -4,10 +4,11 @@ forced).
 
 On the CPU a plan made with row_exact=True runs `cpu.c` instead (when a C compiler is found): every
 row's bits then depend only on the keys it sees, which int8 needs for lossless speculation (see
-cpu.py). Against ref.py's SDPA (2-core dev CPU, 2 threads each, 9 heads, 600 keys, before cpu.c's
-latest changes, which made it another 1.2-1.5x faster): decode batch 1 ~190 vs ~245 us, batch 16
-~1.7 vs ~2.2 ms, 8 verify rows ~0.55 vs ~0.33 ms, a 512-token prefill ~12 vs ~16 ms. fp32, where
-the reference's last-bit differences stay below the near-tie threshold, keeps SDPA.
+cpu.py). Against ref.py's SDPA (2-core dev CPU, 2 threads each, 9 heads, 600 keys; measured before
+the changes listed in cpu.c's header, which made cpu.c 1.2-1.6x faster again): decode batch 1 ~190
+vs ~245 us, batch 16 ~1.7 vs ~2.2 ms, 8 verify rows ~0.55 vs ~0.33 ms, a 512-token prefill ~12 vs
+~16 ms. fp32, where the reference's last-bit differences stay below the near-tie threshold, keeps
+SDPA.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Exact logits for the leading candidates of an int8 lm_head (why: ref.py). On the CPU one C call
-(`cpu.c`, built on first use): 25-40 us per row of 49152 logits here, against 60-220 for ref.py. `ref.py`
-runs when a backend is forced or without a C compiler."""
+(`cpu.c`, built on first use): 25-40 us per row of 49152 logits here, against 60-220 for ref.py.
+`ref.py` runs when a backend is forced or without a C compiler."""
 from __future__ import annotations
 
 import torch
