@@ -30,25 +30,23 @@ from kernels import rowscale
 REDUCE_RANGE = True
 
 
-
-
-def _linear_dynamic(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
-                    reduce_range: bool) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
-
-
 def _compiled_linear_dynamic():
-    """fbgemm's dynamic linear, called through TorchScript where torch still has it.
+    """fbgemm's dynamic linear `(x, packed, reduce_range) -> y`, called through TorchScript.
 
-    A Python call of the op converts the packed weight (a script object) through pybind11, which
-    throws and catches a C++ exception on every call: ~18 us for a 64x64 layer, ~6.5 from
-    TorchScript, so 1.3-1.6 ms per batch-1 step of the default model's 121 int8 matmuls (2-core dev
-    CPU). torch.jit is deprecated but works in the pinned torch; without it the op is called directly.
+    A Python call of the op converts the packed weight (a script object) through pybind11, and perf
+    shows C++ exception unwinding on every such call: ~18 us for a 64x64 layer, ~6.5 from TorchScript,
+    so 1.3-1.6 ms less per batch-1 step of the default model's 121 int8 matmuls (2-core dev CPU).
+    torch.jit is deprecated but works in the pinned torch. Without it: the resolved overload's C++
+    function, not the packet or the overload, whose Python dispatch checks cost 4-10 us more per call.
     """
     try:
+        def linear_dynamic(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
+                           reduce_range: bool) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_linear_dynamic)
+            return torch.jit.script(linear_dynamic)
     except Exception:  # noqa: BLE001 - a torch without TorchScript: the direct call works, only slower
         return getattr(torch.ops.quantized.linear_dynamic.default, "_op", torch.ops.quantized.linear_dynamic.default)
 

@@ -117,3 +117,14 @@ def test_fused_norm_and_residual_match_the_unfused_layer(layer):
     expected = residual + linear(x, packed, bias)
     out = linear(x, packed, bias, residual=residual)
     assert out is residual and torch.equal(out, expected)
+
+
+def test_fbgemm_is_called_through_torchscript_with_the_same_result():
+    """The pinned torch has TorchScript, so the per-call pybind11 cost is avoided; the result is the op's own."""
+    from engine.models.int8 import _LINEAR_DYNAMIC
+
+    assert isinstance(_LINEAR_DYNAMIC, torch.jit.ScriptFunction)
+    weight = quantize_weight(torch.randn(96, 64, generator=torch.Generator().manual_seed(1)) * 0.05)
+    x = torch.rand(5, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    direct = torch.ops.quantized.linear_dynamic.default(x, weight.packed, True)
+    assert torch.equal(_LINEAR_DYNAMIC(x, weight.packed, True), direct)
