@@ -54,21 +54,27 @@ def _compiled_linear_dynamic():
 _LINEAR_DYNAMIC = _compiled_linear_dynamic()
 
 
-# The int8 dtypes, by the layers whose weights go in split (Int8Weight.halves == 2). Teacher-forced
-# top-1 agreement with fp32 on 24 Spec-Bench prompts (weights rounded offline, activations exact),
-# one kind of layer int8 at a time: qkv 96.7%, down 97.7%, gate_up 98.3%, o 99.0%; all whole 94.7%;
-# all split 99.8%; all but o split 99.0% (o is the cheapest to leave whole: 576 rows). The quality
-# bar (98%) needs the split. The lm_head stays whole under both: its leading candidates are rescored
-# exactly instead (kernels/rescore), which matched splitting it (98.96 vs 99.00%) without reading 28 MB
-# more per step.
-SPLIT_LAYERS = {"int8": frozenset({"qkv", "gate_up", "down"}), "int8-fast": frozenset()}
+# The int8 dtypes: the share of each layer's output channels whose weights go in split (their
+# rounding residual packed as rows of its own, see quantize_weight); other layers and channels whole.
+# Teacher-forced top-1 agreement with fp32 on 24 Spec-Bench prompts (weights rounded offline,
+# activations exact), one kind of layer int8 at a time: qkv 96.7%, down 97.7%, gate_up 98.3%, o 99.0%;
+# all whole 94.7%; all split 99.8%; all but o split 99.0% (o is the cheapest to leave whole: 576 rows).
+# The quality bar (98%) needs the split. gate_up is half the bytes a batch-1 step reads: splitting only
+# its channels with the largest rounding error (half of them hold ~2/3 of its error energy in every
+# layer of the default model) keeps most of the quality for fewer bytes; the share was chosen by
+# benchmarks/int8_quality.py (README). The lm_head stays whole under both: its leading candidates are
+# rescored exactly instead (kernels/rescore), which matched splitting it (98.96 vs 99.00%) without
+# reading 28 MB more per step.
+SPLIT_SHARES = {"int8": {"qkv": 1.0, "gate_up": 0.5, "down": 1.0}, "int8-fast": {}}
 
 
 class Int8Weight(NamedTuple):
-    """A linear weight as fbgemm multiplies it."""
+    """A linear weight as fbgemm multiplies it: rows q(W), then q(R) for the split channels' rounding
+    residuals R = W - q(W), whose outputs add to their channels' (~15-bit weights there)."""
 
     packed: object  # fbgemm's packed params (per-output-channel int8, symmetric)
-    halves: int  # 1: rows q(W); 2: rows [q(W); q(W - q(W))], whose outputs add up (~15-bit weights)
+    out_features: int
+    residual_of: torch.Tensor | None  # [out_features] int32: the output column of each channel's residual, or -1
 
 
 def _per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
@@ -79,20 +85,33 @@ def _per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
 
 
-def quantize_weight(weight: torch.Tensor, split: bool = False) -> Int8Weight:
-    """fp weight [out, in] -> int8 per output channel; split also packs the rounding residual as
-    rows of their own (twice the rows and work, for a rounding step 127x finer)."""
+def quantize_weight(weight: torch.Tensor, split_share: float = 0.0) -> Int8Weight:
+    """fp weight [out, in] -> int8 per output channel. split_share of the channels, those with the
+    largest rounding error (ties: the lower channel), also get their residual packed as rows of their
+    own: a rounding step 127x finer there, for that many more rows of weights and work."""
     weight = weight.float().contiguous()
-    if split:
-        weight = torch.cat([weight, weight - _per_channel_int8(weight).dequantize()])
-    return Int8Weight(torch.ops.quantized.linear_prepack(_per_channel_int8(weight), None), 2 if split else 1)
+    out_features = weight.shape[0]
+    num_split = round(split_share * out_features)
+    if num_split == 0:
+        return Int8Weight(torch.ops.quantized.linear_prepack(_per_channel_int8(weight), None), out_features, None)
+    residual = weight - _per_channel_int8(weight).dequantize()
+    error = residual.double().norm(dim=1)
+    channels = torch.sort(torch.sort(error, descending=True, stable=True).indices[:num_split]).values
+    residual_of = torch.full((out_features,), -1, dtype=torch.int32)
+    residual_of[channels] = torch.arange(out_features, out_features + num_split, dtype=torch.int32)
+    rows = torch.cat([weight, residual[channels]])
+    return Int8Weight(torch.ops.quantized.linear_prepack(_per_channel_int8(rows), None), out_features, residual_of)
 
 
 def dequantize_weight(weight: Int8Weight) -> torch.Tensor:
     """The fp32 weight the int8 layer really multiplies by (for tests and quality reports)."""
     qweight, _ = torch.ops.quantized.linear_unpack(weight.packed)
-    halves = qweight.dequantize().chunk(weight.halves)
-    return halves[0] if weight.halves == 1 else halves[0] + halves[1]
+    rows = qweight.dequantize()
+    whole = rows[: weight.out_features].clone()
+    if weight.residual_of is not None:
+        channels = (weight.residual_of >= 0).nonzero().squeeze(1)
+        whole[channels] += rows[weight.residual_of[channels].long()]
+    return whole
 
 
 class RowScaledInt8Linear:
@@ -126,6 +145,6 @@ class RowScaledInt8Linear:
         norm_weight, eps = norm if norm is not None else (None, 0.0)
         rowscale.prep(x, norm_weight, eps, buf, self._scales)
         y = _LINEAR_DYNAMIC(buf[: 2 * rows + 1], weight.packed, REDUCE_RANGE)
-        out = residual if residual is not None else torch.empty(rows, y.shape[1] // weight.halves)
-        rowscale.finish(y, self._scales, bias, out, accumulate=residual is not None)
+        out = residual if residual is not None else torch.empty(rows, weight.out_features)
+        rowscale.finish(y, self._scales, bias, out, accumulate=residual is not None, residual_of=weight.residual_of)
         return out

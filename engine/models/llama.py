@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.models.int8 import SPLIT_LAYERS, RowScaledInt8Linear, quantize_weight
+from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
 from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, dense_linear, measure_backends,
                                   onednn_linear, onednn_rows_exact, pack_onednn)
 from kernels.attention import AttentionPlan, paged_attention
@@ -30,7 +30,7 @@ from kernels.rope import rotate_and_store
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(SPLIT_LAYERS, torch.float32)}  # int8: fp32 activations, KV
+ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(SPLIT_SHARES, torch.float32)}  # int8: fp32 activations, KV
 # An int8 lm_head's leading candidates per row get exact fp32 logits (kernels/rescore): 10 matched a
 # split lm_head's top-1 agreement with fp32 on 24 dev prompts.
 RESCORE_TOP_K = 10
@@ -108,7 +108,7 @@ class LlamaModel:
         self.lm_head = self.embed if tied else get("lm_head.weight")  # [vocab, hidden]
         self.layers = [self._load_layer(get, weights, i) for i in range(config.num_layers)]
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
-        self.linear_backend = "int8" if dtype in SPLIT_LAYERS else self._choose_backend(linear_backend)
+        self.linear_backend = "int8" if dtype in SPLIT_SHARES else self._choose_backend(linear_backend)
         self.exact_lm_head = self.lm_head if self.linear_backend == "int8" else None  # fp32, for rescoring
         self.prompt_rows_dense = False  # int8: prompt-token rows through fp32 (engine/models/linear.py)
         if self.linear_backend == "int8":
@@ -122,7 +122,7 @@ class LlamaModel:
 
     def _init_int8(self, dtype: str) -> None:
         def quantize(weight, name):
-            return quantize_weight(weight, split=name in SPLIT_LAYERS[dtype])
+            return quantize_weight(weight, SPLIT_SHARES[dtype].get(name, 0.0))
 
         first = [getattr(self.layers[0], name) for name in self.layers[0].linear_weights()]
         self.prompt_rows_dense = (self.device.type == "cpu" and torch.backends.mkldnn.is_available()

@@ -49,13 +49,15 @@ def prep(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, buf: tor
 
 
 def finish(y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           accumulate: bool) -> None:
-    """ref.finish's contract; y is the linear's fresh output, out a contiguous-row fp32 [n, out]."""
+           accumulate: bool, residual_of: torch.Tensor | None = None) -> None:
+    """ref.finish's contract; y is the linear's fresh output, out a contiguous-row fp32 [n, out],
+    residual_of a contiguous int32 [out] (the caller's, built once per weight)."""
     lib = _c_library()
     if lib is None:
-        return ref.finish(y, scales, bias, out, accumulate)
+        return ref.finish(y, scales, bias, out, accumulate, residual_of)
     n, width = (y.shape[0] - 1) // 2, out.shape[1]
-    assert y.is_contiguous() and out.shape[0] == n and y.shape[1] in (width, 2 * width) and out.stride(1) == 1, \
-        (y.shape, out.shape)
+    assert y.is_contiguous() and out.shape[0] == n and out.stride(1) == 1, (y.shape, out.shape)
+    assert (y.shape[1] == width) if residual_of is None else (residual_of.shape == (width,)), (y.shape, out.shape)
     lib.rowscale_finish(y.data_ptr(), n, width, y.shape[1], scales.data_ptr(), LO_WEIGHT,
-                        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate))
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate),
+                        None if residual_of is None else residual_of.data_ptr())

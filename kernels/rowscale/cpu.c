@@ -40,19 +40,22 @@ void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride
     }
 }
 
-/* y rows as buf's, each y_width wide: width, or 2 * width for a split weight, whose two halves'
- * outputs add up. out[r] = (hi + lo * lo_weight) * scale[r] (+ bias), or out[r] += that. */
+/* y rows as buf's, each y_width wide: the weight's width output channels, then the outputs of the
+ * residual rows of a split weight (engine/models/int8.py), which add to their channels:
+ * residual_of[i] is the y column of channel i's residual, or -1 (residual_of NULL: none).
+ * out[r] = (hi + lo * lo_weight) * scale[r] (+ bias), or out[r] += that. */
 void rowscale_finish(const float *y, int64_t rows, int64_t width, int64_t y_width, const float *scales,
-                     float lo_weight, const float *bias, float *out, int64_t out_stride, int32_t accumulate) {
-    int split = y_width == 2 * width;
+                     float lo_weight, const float *bias, float *out, int64_t out_stride, int32_t accumulate,
+                     const int32_t *residual_of) {
     for (int64_t r = 0; r < rows; ++r) {
         const float *hi = y + (1 + r) * y_width;
         const float *lo = y + (1 + rows + r) * y_width;
         float scale = scales[r];
         float *o = out + r * out_stride;
         for (int64_t i = 0; i < width; ++i) {
-            float h = split ? hi[i] + hi[i + width] : hi[i];
-            float l = split ? lo[i] + lo[i + width] : lo[i];
+            int32_t k = residual_of ? residual_of[i] : -1;
+            float h = k >= 0 ? hi[i] + hi[k] : hi[i];
+            float l = k >= 0 ? lo[i] + lo[k] : lo[i];
             float v = (h + l * lo_weight) * scale;
             if (bias) v += bias[i];
             o[i] = accumulate ? o[i] + v : v;

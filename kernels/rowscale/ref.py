@@ -42,16 +42,21 @@ def prep(
 
 
 def finish(
-    y: torch.Tensor,  # [2n + 1, out] or [2n + 1, 2 * out] (a split weight) the linear's output over prep's rows
+    y: torch.Tensor,  # [2n + 1, out + r] the linear's output over prep's rows (r: a split weight's residual rows)
     scales: torch.Tensor,  # [>= n]
     bias: torch.Tensor | None,  # [out]
     out: torch.Tensor,  # [n, out]: written, or added to when accumulate
     accumulate: bool,
+    residual_of: torch.Tensor | None = None,  # [out] int32: the y column of each channel's residual, or -1
 ) -> None:
     n, width = (y.shape[0] - 1) // 2, out.shape[1]
-    hi, lo = y[1 : n + 1], y[n + 1 :]
-    if y.shape[1] == 2 * width:  # a split weight (engine/models/int8.py): its two halves' outputs add up
-        hi, lo = hi[:, :width] + hi[:, width:], lo[:, :width] + lo[:, width:]
+    hi, lo = y[1 : n + 1, :width], y[n + 1 :, :width]
+    if residual_of is not None:  # a split weight (engine/models/int8.py): residual outputs add to their channels
+        channels = (residual_of >= 0).nonzero().squeeze(1)
+        columns = residual_of[channels].long()
+        hi, lo = hi.clone(), lo.clone()
+        hi[:, channels] += y[1 : n + 1, columns]
+        lo[:, channels] += y[n + 1 :, columns]
     value = torch.add(hi, lo, alpha=LO_WEIGHT).mul_(scales[:n, None])
     if bias is not None:
         value.add_(bias)

@@ -67,20 +67,33 @@ def test_prep_with_rms_norm_matches_reference():
     assert err.max() < 1e-4, err
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("num_split", [0, 7, 96])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_finish_matches_reference(with_bias, accumulate, split):
+def test_finish_matches_reference(with_bias, accumulate, num_split):
     gen = torch.Generator().manual_seed(3)
     n, width = 5, 96
-    y = torch.randn(2 * n + 1, 2 * width if split else width, generator=gen)  # split: two weight halves
+    y = torch.randn(2 * n + 1, width + num_split, generator=gen)  # then the split channels' residual outputs
+    residual_of = None
+    if num_split:
+        residual_of = torch.full((width,), -1, dtype=torch.int32)
+        residual_of[torch.randperm(width, generator=gen)[:num_split].sort().values] = \
+            torch.arange(width, width + num_split, dtype=torch.int32)
     scales = torch.rand(n + 3, generator=gen)
     bias = torch.randn(width, generator=gen) if with_bias else None
     residual = torch.randn(n, width, generator=gen)
     got, want = residual.clone(), residual.clone()
-    rowscale.finish(y, scales, bias, got, accumulate)
-    ref.finish(y, scales, bias, want, accumulate)
+    rowscale.finish(y, scales, bias, got, accumulate, residual_of)
+    ref.finish(y, scales, bias, want, accumulate, residual_of)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if num_split:  # a channel's residual output really lands in it (and only there)
+        bumped = y.clone()
+        channel = int((residual_of >= 0).nonzero()[0])
+        bumped[1:, residual_of[channel]] += 1.0
+        again = residual.clone()
+        rowscale.finish(bumped, scales, bias, again, accumulate, residual_of)
+        changed = (again != got).any(dim=0).nonzero().squeeze(1).tolist()
+        assert changed == [channel], changed
 
 
 def test_rows_are_bit_identical_alone_and_batched():

@@ -33,12 +33,12 @@ def layer():
     return weight, bias
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("split_share", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_each_row_is_bit_identical_alone_and_in_any_batch(layer, with_bias, split):
+def test_each_row_is_bit_identical_alone_and_in_any_batch(layer, with_bias, split_share):
     weight, bias = layer
     bias = bias if with_bias else None
-    packed = quantize_weight(weight, split=split)
+    packed = quantize_weight(weight, split_share)
     linear = RowScaledInt8Linear()
     x = _inputs(16, 64, 1)
     x[5] = 0.0  # an all-zero row must not poison the others (or itself)
@@ -56,17 +56,31 @@ def test_close_to_fp32_and_to_its_own_dequantized_weights(layer):
     x = _inputs(16, 64, 3)
     exact = F.linear(x, weight, bias)
     errors = {}
-    for split in (False, True):
-        packed = quantize_weight(weight, split=split)
+    for share in (0.0, 0.5, 1.0):
+        packed = quantize_weight(weight, share)
         ours = RowScaledInt8Linear()(x, packed, bias)
-        errors[split] = ((ours - exact).norm(dim=1) / exact.norm(dim=1)).max()
+        errors[share] = ((ours - exact).norm(dim=1) / exact.norm(dim=1)).max()
         wq = dequantize_weight(packed)
         itself = F.linear(x, wq, bias)  # what it multiplies by, but for the activations' rounding
         assert ((ours - itself).norm(dim=1) / itself.norm(dim=1)).max() < 1e-3
-        step = weight.abs().amax(1).max() / 127 / (127 if split else 1)  # the residual's own step
-        assert (wq - weight).abs().max() <= step / 2 + 1e-6
-    assert errors[False] < 0.01  # two-pass (~13-bit) activations, 8-bit per-channel weights
-    assert errors[True] < errors[False] / 4, errors  # the split leaves mostly the activations' rounding
+        whole_step = weight.abs().amax(1) / 127  # per channel
+        split = packed.residual_of >= 0 if packed.residual_of is not None else torch.zeros(96, dtype=torch.bool)
+        assert int(split.sum()) == round(share * 96)
+        step = torch.where(split, whole_step / 127, whole_step)  # a split channel: its residual's own step
+        assert ((wq - weight).abs().amax(1) <= step / 2 + 1e-6).all()
+    assert errors[0.0] < 0.01  # two-pass (~13-bit) activations, 8-bit per-channel weights
+    assert errors[1.0] < errors[0.0] / 4, errors  # the split leaves mostly the activations' rounding
+    assert errors[1.0] < errors[0.5] < errors[0.0], errors
+
+
+def test_a_partial_split_takes_the_channels_with_the_largest_rounding_error(layer):
+    weight, _ = layer
+    whole, half = dequantize_weight(quantize_weight(weight)), quantize_weight(weight, 0.5)
+    error = (weight - whole).norm(dim=1)
+    split = half.residual_of >= 0
+    assert error[split].min() >= error[~split].max()
+    # The residual rows follow the whole rows, in channel order.
+    assert half.residual_of[split].tolist() == list(range(96, 96 + int(split.sum())))
 
 
 def test_buffers_grow_and_are_reused(layer):

@@ -24,7 +24,7 @@ def test_rows_exact_check_catches_a_batch_dependent_linear(monkeypatch):
 def test_mixed_rows_take_their_own_path_with_the_same_bits_as_alone(fused):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(48, 32, generator=gen) * 0.1
-    weight = linear.HybridWeight(linear.pack_onednn(w), quantize_weight(w, split=True))
+    weight = linear.HybridWeight(linear.pack_onednn(w), quantize_weight(w, 1.0))
     x = torch.randn(7, 32, generator=gen)
     prompt = torch.tensor([True, True, False, True, False, False, True])
     norm = (torch.rand(32, generator=gen) + 0.5, 1e-5) if fused else None
