@@ -57,8 +57,8 @@ def finish(y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out
         return ref.finish(y, scales, bias, out, accumulate, residual_of)
     n, width = (y.shape[0] - 1) // 2, out.shape[1]
     assert y.is_contiguous() and out.shape[0] == n and out.stride(1) == 1, (y.shape, out.shape)
-    assert (y.shape[1] == width) if residual_of is None else \
-        (residual_of.shape == (width,) and residual_of.dtype == torch.int32), (y.shape, out.shape)
+    assert (y.shape[1] == width) if residual_of is None else (y.shape[1] > width and residual_of.shape == (width,)
+                                                              and residual_of.dtype == torch.int32), (y.shape, out.shape)
     lib.rowscale_finish(y.data_ptr(), n, width, y.shape[1], scales.data_ptr(), LO_WEIGHT,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate),
                         None if residual_of is None else residual_of.data_ptr())
