@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -49,9 +50,16 @@ def compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def _source_text(source: Path) -> str:
+    """The source with the text of every file it `#include "..."`s, so editing one rebuilds it."""
+    text = source.read_text()
+    included = re.findall(r'^#include "([^"]+)"', text, re.M)
+    return text + "".join(_source_text((source.parent / name).resolve()) for name in included)
+
+
 def library_path(source: Path) -> Path:
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = "\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_id()])
+    key = "\0".join([_source_text(source), " ".join(FLAGS), version, _cpu_id()])
     return _cache_dir() / f"{source.parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 

@@ -137,15 +137,19 @@ class RowScaledInt8Linear:
             self._buffers[width] = buf
         return buf
 
+    def buffers(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input buffer (sentinel row first) and row scales for `rows` rows of `width` inputs."""
+        if self._scales.numel() < rows:
+            self._scales = torch.empty(max(rows, 2 * self._scales.numel(), 16))
+        return self._buffer(2 * rows, width), self._scales
+
     def __call__(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
                  norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         rows, width = x.shape
-        buf = self._buffer(2 * rows, width)
-        if self._scales.numel() < rows:
-            self._scales = torch.empty(max(rows, 2 * self._scales.numel(), 16))
+        buf, scales = self.buffers(rows, width)
         norm_weight, eps = norm if norm is not None else (None, 0.0)
-        rowscale.prep(x, norm_weight, eps, buf, self._scales)
+        rowscale.prep(x, norm_weight, eps, buf, scales)
         y = _LINEAR_DYNAMIC(buf[: 2 * rows + 1], weight.packed, REDUCE_RANGE)
         out = residual if residual is not None else torch.empty(rows, weight.out_features)
-        rowscale.finish(y, self._scales, bias, out, accumulate=residual is not None, residual_of=weight.residual_of)
+        rowscale.finish(y, scales, bias, out, accumulate=residual is not None, residual_of=weight.residual_of)
         return out

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
+from engine.models.int8_layers import Int8Layers
 from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, dense_linear, measure_backends,
                                   onednn_linear, onednn_rows_exact, pack_onednn)
 from kernels.attention import AttentionPlan, paged_attention
@@ -111,6 +112,7 @@ class LlamaModel:
         self.linear_backend = "int8" if dtype in SPLIT_SHARES else self._choose_backend(linear_backend)
         self.exact_lm_head = self.lm_head if self.linear_backend == "int8" else None  # fp32, for rescoring
         self.prompt_rows_dense = False  # int8: prompt-token rows through fp32 (engine/models/linear.py)
+        self.int8_layers: Int8Layers | None = None  # int8 decoding steps' layers on the CPU (None: layer by op)
         if self.linear_backend == "int8":
             self._init_int8(dtype)
         elif self.linear_backend == "onednn":
@@ -136,6 +138,7 @@ class LlamaModel:
             self._linear = self._logits_linear = RowScaledInt8Linear()
             self._pack_layers(quantize)
         self.lm_head = quantize(self.lm_head, "lm_head")
+        self.int8_layers = Int8Layers.build(self, self._logits_linear)
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path, config: ModelConfig | None = None, device: str = "cpu",
@@ -200,8 +203,11 @@ class LlamaModel:
             x[input_embeds[0]] = input_embeds[1].to(x.dtype)
         cos = self.cos_table[positions]  # [num_tokens, head_dim]
         sin = self.sin_table[positions]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = self._layer(layer, x, cos, sin, attn_metadata, k_cache, v_cache)
+        if self.int8_layers is not None and Int8Layers.applies(attn_metadata):
+            x = self.int8_layers.run(x, cos, sin, attn_metadata, kv_caches)
+        else:
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                x = self._layer(layer, x, cos, sin, attn_metadata, k_cache, v_cache)
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.config.rms_norm_eps)
 
     def _layer(self, layer: _Layer, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
