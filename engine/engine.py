@@ -191,12 +191,16 @@ class LLMEngine:
 
     def _calibration_rows(self) -> tuple[int, ...]:
         capacity = self.kv.num_free_blocks * self.kv.block_size
-        return tuple(n for n in CALIBRATION_ROWS if n <= capacity) or (1,)
+        return tuple(n for n in CALIBRATION_ROWS if n + 1 <= capacity) or (1,)
 
     def _forward_rows(self, num_rows: int) -> None:
-        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts."""
-        probe = Request("__calibration__", [0], 1, SamplingParams())
-        self.kv.allocate(probe, num_rows)
+        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts.
+
+        The probe's first row is a generated token after a one-token prompt, as a decode row is: a
+        prompt row would take the int8 dtypes' fp32 prompt path (engine/models/linear.py), which made
+        every calibrated point 2-3x a real verify step's and kept the controller from drafting."""
+        probe = Request("__calibration__", [0, 0], 1, SamplingParams(), num_computed_tokens=1)
+        self.kv.allocate(probe, 1 + num_rows)
         draft = DraftTree([0] * (num_rows - 1), list(range(-1, num_rows - 2))) if num_rows > 1 else None
         try:
             self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft)]))

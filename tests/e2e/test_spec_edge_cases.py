@@ -454,3 +454,17 @@ def test_http_disconnect_mid_batch_while_drafting(spec_server):
         time.sleep(0.05)
     else:
         pytest.fail(f"no abort / KV cache not empty after the disconnect:\n{spec_server.metrics()}")
+
+
+def test_cost_calibration_times_decode_and_verify_rows(engine, monkeypatch):
+    """The controller's cost curve is timed on the rows a verify step has: int8's fp32 prompt path
+    made every calibrated point 2-3x a real verify step's, and the controller stopped drafting."""
+    seen, execute = [], engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute",
+                        lambda sched: seen.append(engine.runner.prepare_inputs(sched)) or execute(sched))
+    free = engine.kv.num_free_blocks
+    engine._forward_rows(4)
+    assert engine.kv.num_free_blocks == free
+    (inputs,) = seen
+    assert inputs.input_ids.numel() == 4 and inputs.sample_rows.numel() == 4
+    assert inputs.attn_metadata.prompt_rows is None
