@@ -56,7 +56,7 @@ def measure_specd(dtype: str, methods: list[str], sets: dict[str, list[dict]], m
                   concurrent: int) -> list[dict]:
     rows = []
     with Server("--dtype", dtype, "--kv-cache-tokens", "32768", "--num-threads", str(THREADS)) as server:
-        asyncio.run(run_load(server.url, sets["short"][:1], 1, 8))  # warm-up
+        asyncio.run(run_load(server.url, sets["short"][:1], 1, max_tokens))  # warm-up, as llama.cpp's
         for method in methods:
             extra = {"speculative": {"method": method}}
             for name, prompts in sets.items():
@@ -116,6 +116,10 @@ def measure_llama_cpp(gguf: Path, sets: dict[str, list[dict]], max_tokens: int) 
         return []
     llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     rows = []
+    # One untimed request first, as specd gets: the first timed row is then not the one paying for
+    # cold caches and first-use allocations.
+    llm.create_chat_completion([{"role": "user", "content": sets["short"][0]["prompt"]}], max_tokens=max_tokens,
+                               temperature=0.0, top_k=1)
     for name, prompts in sets.items():
         tokens, start = 0, time.perf_counter()
         for p in prompts:

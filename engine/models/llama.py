@@ -8,7 +8,9 @@ plus o_proj instead of seven.
 CPU performance notes (PLATFORM.md): fp32 decode is bound by reading the weights; the linear
 backends (MKL or oneDNN, measured at load; int8 with prompt rows in fp32) are engine/models/linear.py.
 Per-layer Python work is kept to a handful of tensor ops: RoPE cos/sin are gathered once per forward
-and the attention layout (masks, gather indices) is planned once per step by the runner.
+and the attention layout (masks, gather indices) is planned once per step by the runner. An int8
+step without fp32 prompt rows runs its layers through engine/models/int8_layers.py instead: the same
+arithmetic with one C call per gap between matmuls, no per-op Python.
 """
 from __future__ import annotations
 
