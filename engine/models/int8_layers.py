@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from engine.models import int8
 from engine.models.int8 import Int8Weight, RowScaledInt8Linear
+from kernels import backend
 from kernels.attention.cpu import CpuPlan
 from kernels.decoder import cpu as decoder_cpu
 from kernels.rowscale.ref import FIT, LO_GAIN, LO_WEIGHT, STEP
@@ -35,6 +36,7 @@ def _int8_part(weight) -> Int8Weight:
 
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:
+    assert tensor is None or tensor.is_contiguous(), "the C side reads packed rows"
     return None if tensor is None else tensor.data_ptr()
 
 
@@ -64,8 +66,7 @@ class Int8Layers:
     @classmethod
     def build(cls, model, linear: RowScaledInt8Linear):
         """An instance when the C kernels build here (None otherwise: the layer-by-op path runs)."""
-        cfg = model.config
-        if model.device.type != "cpu" or cfg.head_dim % 2 or cfg.head_dim > 512:
+        if model.device.type != "cpu":
             return None
         lib = decoder_cpu.load()
         return None if lib is None else cls(model, linear, lib)
@@ -84,8 +85,6 @@ class Int8Layers:
     @staticmethod
     def applies(meta) -> bool:
         """Whether a step with this metadata may run here (see the module docstring)."""
-        from kernels import backend
-
         prompt_rows = meta.prompt_rows
         return (isinstance(meta.plan, CpuPlan) and backend.get_backend() == "auto"
                 and (prompt_rows is None or not bool(prompt_rows.any())))
@@ -138,7 +137,8 @@ class Int8Layers:
             lib.decoder_before_qkv(step, layer)
             y = linear(in_hidden, qkv, reduce)
             if lib.decoder_after_qkv(step, layer, y.data_ptr()) != 0:
-                raise ValueError("C decoder layer: a slot out of range or no memory for attention")
+                raise ValueError("C decoder layer: head_dim unsupported (even, at most 512), a slot out of range "
+                                 "or no memory for attention")
             y = linear(in_hidden, o, reduce)
             lib.decoder_after_o(step, layer, y.data_ptr())
             y = linear(in_hidden, gate_up_w, reduce)
