@@ -144,6 +144,7 @@ class Int8Layers:
             y = linear(in_hidden, gate_up_w, reduce)
             lib.decoder_after_gate_up(step, layer, y.data_ptr())
             act = F.silu(gate).mul_(up)  # the layer-by-op path's expression: the same bits
+            assert act.stride(0) == inter, "the C side reads the SwiGLU rows packed"
             lib.decoder_before_down(step, act.data_ptr())
             y = linear(in_inter, down, reduce)
             lib.decoder_after_down(step, layer, y.data_ptr())
