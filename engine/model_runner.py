@@ -202,7 +202,7 @@ class ModelRunner:
         cfg = self.model_config
         meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
                                    cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask,
-                                   row_exact=self.model.linear_backend == "int8")
+                                   row_exact=self.dtype == torch.float32)  # the C kernel (fp32 and int8)
         inputs = StepInputs(
             input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(flat_pos, dtype=torch.long, device=dev),

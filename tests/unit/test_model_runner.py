@@ -178,3 +178,13 @@ def test_runner_exposes_device_dtype_config(runner, tiny_model_dir):
     assert runner.device == torch.device("cpu") and runner.dtype == torch.float32
     assert runner.model_config == ModelConfig.from_hf_dir(tiny_model_dir)
     assert len(runner.kv_caches) == runner.model_config.num_layers
+
+
+def test_fp32_steps_plan_the_c_attention_kernel(runner, blocks):
+    """fp32 models attend through kernels/attention/cpu.c (faster than SDPA here, and row-exact)
+    whenever it builds; the tests above hold its outputs to HF and to sequential decoding."""
+    from kernels.attention import cpu
+
+    req = blocks.request("p", _prompt(9, 5))
+    plan = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(req, 9)])).attn_metadata.plan
+    assert isinstance(plan, cpu.CpuPlan) == (cpu.load() is not None)
