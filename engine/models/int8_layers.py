@@ -50,9 +50,9 @@ class Int8Layers:
     """Runs every decoder layer of a step (see the module docstring). Owns per-step scratch buffers:
     one instance per model, used by the engine thread only."""
 
-    def __init__(self, model, linear: RowScaledInt8Linear, lib):
+    def __init__(self, model, int8_linear: RowScaledInt8Linear, lib):
         cfg = model.config
-        self.lib, self.linear, self.config = lib, linear, cfg
+        self.lib, self.linear, self.config = lib, int8_linear, cfg
         self.qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.step = decoder_cpu.DecoderStep(
             hidden=cfg.hidden_size, inter=cfg.intermediate_size, num_heads=cfg.num_heads,
@@ -64,12 +64,13 @@ class Int8Layers:
         self._scratch: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def build(cls, model, linear: RowScaledInt8Linear):
-        """An instance when the C kernels build here (None otherwise: the layer-by-op path runs)."""
+    def build(cls, model, int8_linear: RowScaledInt8Linear):
+        """An instance when the C kernels build here (None otherwise: the layer-by-op path runs).
+        int8_linear is the model's layer-by-op int8 linear, whose input buffers both paths share."""
         if model.device.type != "cpu":
             return None
         lib = decoder_cpu.load()
-        return None if lib is None else cls(model, linear, lib)
+        return None if lib is None else cls(model, int8_linear, lib)
 
     def _layer_struct(self, layer) -> tuple:
         weights = {name: _int8_part(getattr(layer, name)) for name in layer.linear_weights()}

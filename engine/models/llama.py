@@ -140,7 +140,8 @@ class LlamaModel:
             self._linear = self._logits_linear = RowScaledInt8Linear()
             self._pack_layers(quantize)
         self.lm_head = quantize(self.lm_head, "lm_head")
-        self.int8_layers = Int8Layers.build(self, self._logits_linear)
+        # The logits' linear is the int8 one on both branches; the fused layers share its buffers.
+        self.int8_layers = Int8Layers.build(self, int8_linear=self._logits_linear)
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path, config: ModelConfig | None = None, device: str = "cpu",
