@@ -6,15 +6,13 @@ context, and verify-like steps with R rows per request. A script, not a test: it
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see engine/__init__.py)
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402,F401  - sets how OpenMP threads wait, before torch loads
+import torch  # noqa: E402
 
 from engine.config import CacheConfig, ModelConfig  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
