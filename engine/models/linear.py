@@ -31,6 +31,20 @@ def onednn_linear(x, weight, bias):
     return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
 
 
+def onednn_linear_two_rows(x, weight, bias):
+    """onednn_linear never called with one row: a lone row goes in twice and one copy comes out.
+
+    Why: oneDNN picks its kernel by row count, and on an AVX-512 host (2-core Intel KVM guest) one row
+    of a 576x1536 layer came out with other bits than the same row among 2..300 (every other size
+    and layer of the default model matched). Prompt rows must not depend on how the scheduler
+    chunked the prompt, so the int8 dtypes' fp32 prompt rows (PromptRowsDense) take this; a lone
+    prompt row is rare (a 1-token chunk) and the second copy costs little.
+    """
+    if x.shape[0] != 1:
+        return onednn_linear(x, weight, bias)
+    return onednn_linear(torch.cat([x, x]), weight, bias)[:1]
+
+
 def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
@@ -77,17 +91,17 @@ def measure_backends(weights: list[torch.Tensor], reps: int = 5) -> str:
 
 
 def onednn_rows_exact(weights: list[torch.Tensor]) -> bool:
-    """Whether oneDNN's packed fp32 linear gives every row the same bits alone and in batches of
-    several sizes, for these weights (it did on the dev CPU; a build or CPU where it does not keeps
-    int8 prompt rows on the int8 path, which is exact by construction)."""
+    """Whether onednn_linear_two_rows gives every row the same bits alone and in batches of several
+    sizes, for these weights (it did on the AMD dev CPU and on an Intel AVX-512 guest; a build or
+    CPU where it does not keeps int8 prompt rows on the int8 path, which is exact by construction)."""
     gen = torch.Generator().manual_seed(0)
     try:
         for weight in weights:
             packed = pack_onednn(weight)
-            x = torch.randn(70, weight.shape[1], generator=gen)
-            whole = onednn_linear(x, packed, None)
-            for size in (1, 2, 3, 5, 8, 16, 33):
-                parts = torch.cat([onednn_linear(x[i : i + size], packed, None) for i in range(0, 70, size)])
+            x = torch.randn(300, weight.shape[1], generator=gen)  # up to a long prompt chunk
+            whole = onednn_linear_two_rows(x, packed, None)
+            for size in (1, 2, 3, 5, 8, 16, 33, 64, 100, 256):
+                parts = torch.cat([onednn_linear_two_rows(x[i : i + size], packed, None) for i in range(0, 300, size)])
                 if not torch.equal(parts, whole):
                     return False
     except RuntimeError as e:  # a torch without oneDNN's packed linear
@@ -116,7 +130,7 @@ class PromptRowsDense:
 
     def __init__(self):
         self.int8 = RowScaledInt8Linear()
-        self.dense = FusedLinear(onednn_linear)
+        self.dense = FusedLinear(onednn_linear_two_rows)
         self._route: tuple[torch.Tensor, torch.Tensor] | str = "int8"
 
     def set_rows(self, prompt_rows: torch.Tensor | None) -> None:

@@ -20,6 +20,17 @@ def test_rows_exact_check_catches_a_batch_dependent_linear(monkeypatch):
     assert not linear.onednn_rows_exact(weights)
 
 
+def test_a_lone_prompt_row_has_the_bits_it_has_among_others():
+    """oneDNN took another kernel for one row of a 576x1536 layer on an AVX-512 host (other bits);
+    the prompt rows' linear never gives it one row."""
+    gen = torch.Generator().manual_seed(1)
+    packed = linear.pack_onednn(torch.randn(576, 1536, generator=gen) / 40)
+    x = torch.randn(40, 1536, generator=gen)
+    together = linear.onednn_linear_two_rows(x, packed, None)
+    for row in range(40):
+        assert torch.equal(linear.onednn_linear_two_rows(x[row : row + 1], packed, None), together[row : row + 1])
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_mixed_rows_take_their_own_path_with_the_same_bits_as_alone(fused):
     gen = torch.Generator().manual_seed(0)
