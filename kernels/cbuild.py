@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 # the loop around it. Accumulation orders that vectorise are written out explicitly in the sources.
 # -fno-trapping-math changes no value (nothing reads FP exception flags) but lets loops with a
 # clamp or a float->int conversion vectorise (the attention's exp).
+# -fopenmp: parallel loops run on torch's OpenMP threads (the same libgomp, by soname); a compiler
+# without OpenMP builds the pthread fallbacks instead (_build).
 FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared",
-         "-pthread"]
+         "-pthread", "-fopenmp"]
 
 F32P, I32P, I64P, U8P = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
 I64, I32, F32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -63,13 +65,21 @@ def library_path(source: Path) -> Path:
     return _cache_dir() / f"{source.parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
+def _compile(flags: list[str], source: Path, out: str) -> None:
+    subprocess.run([compiler(), *flags, "-o", out, str(source), "-lm"], check=True, capture_output=True, text=True,
+                   timeout=120)
+
+
 def _build(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler(), *FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
+        try:
+            _compile(FLAGS, source, tmp)
+        except subprocess.CalledProcessError as e:
+            log.info("%s: building without OpenMP (%s)", source, e.stderr.strip()[-300:])
+            _compile([f for f in FLAGS if f != "-fopenmp"], source, tmp)
         os.replace(tmp, target)  # atomic: concurrent builders (test workers) never load half a file
     finally:
         if os.path.exists(tmp):

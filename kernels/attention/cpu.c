@@ -366,7 +366,8 @@ int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache,
         work += rows * kv_lens[b];
         row_blocks += (rows + ROW_BLOCK - 1) / ROW_BLOCK;
     }
-    /* A thread costs ~10-20 us to start: worth it from about one decode row over a few hundred keys. */
+    /* Splitting costs waking torch's OpenMP threads (a new pthread without OpenMP: ~10-20 us on the AMD
+     * dev CPU, ~40-60 on an Intel KVM guest): worth it from about one decode row over a few hundred keys. */
     int64_t threads_wanted = work >= MIN_WORK_PER_THREAD ? num_threads : 1;
     int64_t split = row_blocks * num_kv_heads < threads_wanted ? group : 1; /* units per (row block, KV head) */
     int64_t num_units = row_blocks * num_kv_heads * split;
@@ -396,12 +397,24 @@ int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache,
                       cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
                       units, num_units, 0, 0};
     int64_t helpers = threads_wanted - 1 < num_units - 1 ? threads_wanted - 1 : num_units - 1;
+    helpers = helpers < MAX_THREADS ? helpers : MAX_THREADS;
+#ifdef _OPENMP
+    /* torch's OpenMP threads (one libgomp per process: the soname torch loaded first), still spinning
+     * from the matmul before, join in for free; a new thread cost ~40-60 us on an Intel KVM guest. */
+    if (helpers > 0) {
+#pragma omp parallel num_threads(helpers + 1)
+        run_units(&st);
+    } else {
+        run_units(&st);
+    }
+#else
     pthread_t threads[MAX_THREADS];
     int64_t started = 0;
-    for (; started < helpers && started < MAX_THREADS; ++started)
+    for (; started < helpers; ++started)
         if (pthread_create(&threads[started], NULL, run_units, &st) != 0) break;
     run_units(&st);
     for (int64_t t = 0; t < started; ++t) pthread_join(threads[t], NULL);
+#endif
     free(key_rows);
     free(key_offsets);
     free(units);
