@@ -22,7 +22,7 @@ def test_editing_an_included_file_renames_the_library(tmp_path):
     assert lib is not None and lib.whole() == 3
 
 
-def test_a_compiler_without_openmp_builds_the_serial_fallback(tmp_path, monkeypatch):
+def test_a_compiler_without_openmp_builds_the_pthread_fallback(tmp_path, monkeypatch):
     """-fopenmp is tried first; a compiler that refuses it still builds the library, without OpenMP."""
     wrapper = tmp_path / "cc-no-openmp"
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cbuild.compiler()} "$@"\n')
