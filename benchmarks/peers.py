@@ -152,40 +152,52 @@ def measure_llama_server(binary: str | None, gguf: Path, sets: dict[str, list[di
         print(f"llama.cpp server skipped: no llama-server binary ({where}); build it with `make llama-server` "
               "(~25 min on 2 cores) or pass --llama-server PATH")
         return []
-    port = free_port()
-    slots = max(concurrent, 1)
-    proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(slots),
-                             "-c", str(slots * 4096), "-t", str(THREADS)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    for extra in ([], ["--no-repack"]):
+        url, proc = _start_llama_server(path, gguf, max(concurrent, 1), extra)
+        if url:
+            break
+    if not url:
+        return []
+    name = "llama.cpp server" + (f" ({' '.join(extra)})" if extra else "")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                print(f"llama.cpp server skipped: {path} exited with {proc.returncode} at startup")
-                return []
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            print(f"llama.cpp server skipped: {path} not healthy after 120 s")
-            return []
         asyncio.run(run_load(url, sets["short"][:1], 1, max_tokens))  # warm-up, as specd's
         rows = []
-        for name, prompts in sets.items():
+        for prompts_name, prompts in sets.items():
             timings, wall = asyncio.run(run_load(url, prompts, 1, max_tokens))
-            rows.append(rate_row("llama.cpp server", name, 1, sum(t.num_output_tokens for t in timings), wall))
+            rows.append(rate_row(name, prompts_name, 1, sum(t.num_output_tokens for t in timings), wall))
         if concurrent:
             both = sets["short"] + sets["code_edit"]
             timings, wall = asyncio.run(run_load(url, both, concurrent, max_tokens))
-            rows.append(rate_row("llama.cpp server", "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall))
+            rows.append(rate_row(name, "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall))
         return rows
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _start_llama_server(path: str, gguf: Path, slots: int, extra: list[str]):
+    """(url, process) once healthy, or (None, None). A build whose repacked (AMX) weights crash at
+    start-up (seen on an Intel KVM guest: SIGSEGV in ggml_backend_amx_mul_mat) gets a second try with
+    `--no-repack` from the caller."""
+    port = free_port()
+    proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(slots), "-c", str(slots * 4096),
+                             "-t", str(THREADS), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"llama.cpp server {' '.join(extra)}: {path} exited with {proc.returncode} at startup")
+            return None, None
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"llama.cpp server {' '.join(extra)}: {path} not healthy after 120 s")
+    proc.terminate()
+    proc.wait(30)
+    return None, None
 
 
 # ------------------------------------------------------------------ summary
