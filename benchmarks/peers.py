@@ -182,11 +182,11 @@ def _start_llama_server(path: str, gguf: Path, slots: int, extra: list[str]):
     port = free_port()
     proc = subprocess.Popen([path, "-m", str(gguf), "--port", str(port), "-np", str(slots), "-c", str(slots * 4096),
                              "-t", str(THREADS), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    url, label = f"http://127.0.0.1:{port}", " ".join([path, *extra])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"llama.cpp server {' '.join(extra)}: {path} exited with {proc.returncode} at startup")
+            print(f"llama.cpp server: {label} exited with {proc.returncode} at startup")
             return None, None
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -194,7 +194,7 @@ def _start_llama_server(path: str, gguf: Path, slots: int, extra: list[str]):
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    print(f"llama.cpp server {' '.join(extra)}: {path} not healthy after 120 s")
+    print(f"llama.cpp server: {label} not healthy after 120 s")
     proc.terminate()
     proc.wait(30)
     return None, None
