@@ -44,13 +44,19 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *args]
-        # The server's log goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB: a few hundred
-        # request lines) and then blocks the server's next log write, which hung a 20-minute benchmark.
+        # The server's log goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB; the server logs
+        # ~300 bytes per request) and then blocks the server's next log write. A 20-minute spec.py run died
+        # on a 600 s read timeout that way, most likely; with the file the same run finished.
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # a server that never became ready is not left running
+            raise
 
     def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
         self.log.seek(0)
         return self.log.read()[-chars:]
 

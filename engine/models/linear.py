@@ -37,8 +37,9 @@ def onednn_linear_two_rows(x, weight, bias):
     Why: oneDNN picks its kernel by row count, and on an AVX-512 host (2-core Intel KVM guest) one row
     of a 576x1536 layer came out with other bits than the same row among 2..300 (every other size
     and layer of the default model matched). Prompt rows must not depend on how the scheduler
-    chunked the prompt, so the int8 dtypes' fp32 prompt rows (PromptRowsDense) take this; a lone
-    prompt row is rare (a 1-token chunk) and the second copy costs little.
+    chunked the prompt, so the int8 dtypes' fp32 prompt rows (PromptRowsDense) take this. A lone
+    prompt row is rare (a 1-token chunk), and a forward's linears cost about the same for 1 and 3 rows
+    there (oneDNN, 22.9 and 23.5 ms).
     """
     if x.shape[0] != 1:
         return onednn_linear(x, weight, bias)
