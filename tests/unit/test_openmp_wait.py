@@ -20,7 +20,7 @@ def _import_engine(**env: str) -> str:
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, "None 1000"),
+    ({}, "None 10000"),
     ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
     ({"GOMP_SPINCOUNT": "50"}, "None 50"),
     ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "7"}, "ACTIVE 7"),
