@@ -103,6 +103,36 @@ def _append_lookahead(layout: RequestLayout, num_lookahead: int, request_id: str
     layout.lookahead_rows = list(range(num_rows, num_rows + num_lookahead))
 
 
+def _merge_outputs(scheduled: list[ScheduledRequest], groups: list[list[ScheduledRequest]],
+                   outs: list[ModelOutput]) -> ModelOutput:
+    """The groups' outputs back in scheduled order: each request's sample rows (1 + its drafts when
+    it samples) and look-ahead rows sit together in its group's output."""
+    where = {}  # request id -> (group, first sample row, first look-ahead row)
+    for g, group in enumerate(groups):
+        row = lookahead = 0
+        for s in group:
+            where[s.request.request_id] = (g, row, lookahead)
+            row += _num_sample_rows(s)
+            lookahead += _num_lookahead_rows(s)
+    logits, hidden, lookahead_logits = [], [], []
+    for s in scheduled:
+        g, row, lookahead = where[s.request.request_id]
+        logits.append(outs[g].logits[row : row + _num_sample_rows(s)])
+        hidden.append(outs[g].hidden_states[row : row + _num_sample_rows(s)])
+        if _num_lookahead_rows(s):
+            lookahead_logits.append(outs[g].lookahead_logits[lookahead : lookahead + _num_lookahead_rows(s)])
+    return ModelOutput(logits=torch.cat(logits), hidden_states=torch.cat(hidden),
+                       lookahead_logits=torch.cat(lookahead_logits) if lookahead_logits else None)
+
+
+def _num_sample_rows(s: ScheduledRequest) -> int:
+    return (1 + (len(s.draft) if s.draft is not None else 0)) if s.samples else 0  # as request_layout
+
+
+def _num_lookahead_rows(s: ScheduledRequest) -> int:
+    return s.num_lookahead if s.samples else 0  # as request_layout
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
@@ -137,7 +167,32 @@ class ModelRunner:
     # ------------------------------------------------------------------ public
 
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        """Run one step; logits # [num_sample_rows, vocab] fp32 in scheduled order."""
+        """Run one step; logits # [num_sample_rows, vocab] fp32 in scheduled order.
+
+        With the int8 dtypes' prompt rows on their own path, a step that mixes prompt chunks with
+        decoding or verification runs as two forwards: the requests with prompt rows, then the rest.
+        Why: one forward over both splits every linear layer by row (index_select/index_copy) and
+        keeps the decoding rows on the layer-by-op path; on its own their forward takes the fused
+        int8 layers (engine/models/int8_layers.py). Requests never see each other's rows, and every
+        row keeps its bits either way (its path depends on its token's role alone), so the step's
+        output is the same."""
+        groups = self._split_by_prompt_rows(sched.scheduled)
+        if len(groups) == 1:
+            return self._forward(sched)
+        outs = [self._forward(SchedulerOutput(group)) for group in groups]
+        return _merge_outputs(sched.scheduled, groups, outs)
+
+    def _split_by_prompt_rows(self, scheduled: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
+        """[scheduled], or [requests with prompt rows, the others] when the model routes prompt rows
+        apart and the step has both."""
+        if not self.model.prompt_rows_dense:
+            return [scheduled]
+        prompt = [s for s in scheduled if s.request.num_computed_tokens < s.request.num_prompt_tokens]
+        if not prompt or len(prompt) == len(scheduled):
+            return [scheduled]
+        return [prompt, [s for s in scheduled if s.request.num_computed_tokens >= s.request.num_prompt_tokens]]
+
+    def _forward(self, sched: SchedulerOutput) -> ModelOutput:
         inputs = self.prepare_inputs(sched)
         if inputs.input_ids.numel() == 0:
             empty = torch.empty(0, self.model_config.vocab_size, device=self.device)

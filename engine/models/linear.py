@@ -3,8 +3,9 @@
 
 - fp32: F.linear (MKL) or oneDNN with pre-packed weights, whichever `measure_backends` finds faster
   on this machine at load time (oneDNN was ~1.3-1.5x faster for few rows on the dev CPU).
-- int8 dtypes: `PromptRowsDense`, which runs prompt-token rows through oneDNN fp32 and every other
-  row (decoding, drafts, look-ahead rows) through the int8 layer of engine/models/int8.py.
+- int8 dtypes: `PromptRowsDense`, which runs prompt-token rows through a dense oneDNN linear (bf16 in
+  fixed blocks of rows where the CPU has AMX and that measures faster, else fp32) and every other row
+  (decoding, drafts, look-ahead rows) through the int8 layer of engine/models/int8.py.
 """
 from __future__ import annotations
 
@@ -50,6 +51,37 @@ def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
+BF16_BLOCK_ROWS = 64
+"""Rows per oneDNN bf16 call. On an AMX host (2-core Intel KVM guest) a row's bf16 bits depended on
+how many rows the call had (1-47, 256 and 300 rows each gave other bits than calls of 64), but never
+on its place in a call of a fixed size or on the other rows. 64: a 64-row block of the default model's
+four linears took ~0.29 ms per layer, 128 rows ~0.42, 32 rows ~0.21."""
+
+
+def pack_onednn_bf16(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
+
+
+def onednn_bf16_blocks(x, weight, bias):
+    """fp32 rows -> bf16 (AMX) linear over weight packed by pack_onednn_bf16 -> fp32 rows, always in
+    calls of exactly BF16_BLOCK_ROWS rows (zero rows pad the last block), so a row's bits never depend
+    on how many rows came with it. Written block by block into one output: no concatenation, and
+    no fresh zeroed buffer (each extra allocation and small parallel op cost tens of microseconds
+    in a serving step)."""
+    rows, block = x.shape[0], BF16_BLOCK_ROWS
+    padded = torch.empty(-(-rows // block) * block, x.shape[1], dtype=torch.bfloat16)
+    padded[:rows] = x
+    padded[rows:] = 0
+    out = None
+    for start in range(0, rows, block):
+        y = _LINEAR_POINTWISE(padded[start : start + block], weight, None, "none", [], "")
+        if out is None:
+            out = torch.empty(rows, y.shape[1], dtype=torch.float32)
+        stop = min(start + block, rows)
+        out[start:stop] = y[: stop - start]
+    return out if bias is None else out.add_(bias)
+
+
 class FusedLinear:
     """A plain matmul behind the common signature, so the decoder layer is written once."""
 
@@ -91,33 +123,70 @@ def measure_backends(weights: list[torch.Tensor], reps: int = 5) -> str:
     return choice
 
 
-def onednn_rows_exact(weights: list[torch.Tensor]) -> bool:
-    """Whether onednn_linear_two_rows gives every row the same bits alone and in batches of several
-    sizes, for these weights (it did on the AMD dev CPU and on an Intel AVX-512 guest; a build or
-    CPU where it does not keeps int8 prompt rows on the int8 path, which is exact by construction)."""
+class PromptLinear(NamedTuple):
+    """A dense linear for the int8 dtypes' prompt rows: how to pack a weight, and the matmul."""
+    name: str
+    pack: object  # weight -> packed weight
+    matmul: object  # (x, packed weight, bias) -> y
+
+
+PROMPT_FP32 = PromptLinear("oneDNN fp32", pack_onednn, onednn_linear_two_rows)
+PROMPT_BF16 = PromptLinear("oneDNN bf16 blocks", pack_onednn_bf16, onednn_bf16_blocks)
+
+
+def onednn_rows_exact(weights: list[torch.Tensor], prompt_linear: PromptLinear = PROMPT_FP32) -> bool:
+    """Whether prompt_linear gives every row the same bits alone and in batches of several sizes, for
+    these weights (fp32 did on the AMD dev CPU and on an Intel AVX-512 guest, bf16 blocks on the
+    latter; a build or CPU where neither does keeps int8 prompt rows on the int8 path, which is exact
+    by construction)."""
     gen = torch.Generator().manual_seed(0)
     try:
         for weight in weights:
-            packed = pack_onednn(weight)
+            packed = prompt_linear.pack(weight)
             x = torch.randn(300, weight.shape[1], generator=gen)  # up to a long prompt chunk
-            whole = onednn_linear_two_rows(x, packed, None)
+            whole = prompt_linear.matmul(x, packed, None)
             for size in (1, 2, 3, 5, 8, 16, 33, 64, 100, 256):
-                parts = torch.cat([onednn_linear_two_rows(x[i : i + size], packed, None) for i in range(0, 300, size)])
+                parts = torch.cat([prompt_linear.matmul(x[i : i + size], packed, None) for i in range(0, 300, size)])
                 if not torch.equal(parts, whole):
                     return False
-    except RuntimeError as e:  # a torch without oneDNN's packed linear
-        log.info("oneDNN packed linear unavailable (%s)", e)
+    except RuntimeError as e:  # a torch without oneDNN's packed linear, or without its bf16 kernels
+        log.info("%s linear unavailable (%s)", prompt_linear.name, e)
         return False
     return True
 
 
+def choose_prompt_linear(weights: list[torch.Tensor], reps: int = 3) -> PromptLinear | None:
+    """The faster row-exact dense linear for prompt rows on this machine, timed on a 256-row chunk
+    (a long prompt's), or None when neither is row-exact. bf16 only where oneDNN has native bf16
+    (AMX or AVX-512 BF16): it emulates it elsewhere."""
+    exact = [p for p in (PROMPT_FP32, PROMPT_BF16)
+             if (p is PROMPT_FP32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()) and onednn_rows_exact(weights, p)]
+    if len(exact) < 2:
+        return exact[0] if exact else None
+    gen = torch.Generator().manual_seed(0)
+    inputs = {w.shape[1]: torch.randn(256, w.shape[1], generator=gen) for w in weights}
+    packed = {p.name: [p.pack(w) for w in weights] for p in exact}
+    best = {p.name: float("inf") for p in exact}
+    for _ in range(reps):  # interleaved, best of reps: robust to a noisy neighbour
+        for p in exact:
+            start = time.perf_counter()
+            for w in packed[p.name]:
+                p.matmul(inputs[w.shape[1]], w, None)
+            best[p.name] = min(best[p.name], time.perf_counter() - start)
+    choice = min(exact, key=lambda p: best[p.name])
+    log.info("int8 prompt rows: %s (256 rows: %s)", choice.name,
+             ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items()))
+    return choice
+
+
 class HybridWeight(NamedTuple):
-    dense: torch.Tensor  # oneDNN-packed fp32
+    dense: torch.Tensor  # packed by the model's PromptLinear
     int8: Int8Weight
 
 
 class PromptRowsDense:
-    """int8 dtypes: prompt-token rows through oneDNN fp32, every other row through int8.
+    """int8 dtypes: prompt-token rows through a dense oneDNN linear (a PromptLinear: fp32, or bf16
+    blocks where measured faster), every other row through int8.
 
     Why: without VNNI, fbgemm's int8 is compute-bound once many rows go in, and split weights times two
     activation passes are 4x its work: at 256 rows one layer's qkv, gate_up and down took 39 ms
@@ -129,9 +198,9 @@ class PromptRowsDense:
     recomputed output tokens stay int8.
     """
 
-    def __init__(self):
+    def __init__(self, prompt_linear: PromptLinear = PROMPT_FP32):
         self.int8 = RowScaledInt8Linear()
-        self.dense = FusedLinear(onednn_linear_two_rows)
+        self.dense = FusedLinear(prompt_linear.matmul)
         self._route: tuple[torch.Tensor, torch.Tensor] | str = "int8"
 
     def set_rows(self, prompt_rows: torch.Tensor | None) -> None:

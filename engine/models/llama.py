@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
 from engine.models.int8_layers import Int8Layers
-from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, dense_linear, measure_backends,
-                                  onednn_linear, onednn_rows_exact, pack_onednn)
+from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, choose_prompt_linear, dense_linear,
+                                  measure_backends, onednn_linear, pack_onednn)
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rescore import rescore_top_k
 from kernels.rope import rotate_and_store
@@ -113,7 +113,8 @@ class LlamaModel:
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
         self.linear_backend = "int8" if dtype in SPLIT_SHARES else self._choose_backend(linear_backend)
         self.exact_lm_head = self.lm_head if self.linear_backend == "int8" else None  # fp32, for rescoring
-        self.prompt_rows_dense = False  # int8: prompt-token rows through fp32 (engine/models/linear.py)
+        self.prompt_rows_dense = False  # int8: prompt-token rows through a dense linear (engine/models/linear.py)
+        self.prompt_linear_name: str | None = None  # int8: which (a PromptLinear's name, or "int8")
         self.int8_layers: Int8Layers | None = None  # int8 decoding steps' layers on the CPU (None: layer by op)
         if self.linear_backend == "int8":
             self._init_int8(dtype)
@@ -129,14 +130,17 @@ class LlamaModel:
             return quantize_weight(weight, SPLIT_SHARES[dtype].get(name, 0.0))
 
         first = [getattr(self.layers[0], name) for name in self.layers[0].linear_weights()]
-        self.prompt_rows_dense = (self.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                                  and onednn_rows_exact(first))
-        if self.prompt_rows_dense:
-            self._linear = PromptRowsDense()
+        prompt_linear = None
+        if self.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            prompt_linear = choose_prompt_linear(first)
+        self.prompt_rows_dense = prompt_linear is not None
+        self.prompt_linear_name = prompt_linear.name if prompt_linear is not None else "int8"
+        if prompt_linear is not None:
+            self._linear = PromptRowsDense(prompt_linear)
             self._logits_linear = self._linear.int8
-            self._pack_layers(lambda weight, name: HybridWeight(pack_onednn(weight), quantize(weight, name)))
+            self._pack_layers(lambda weight, name: HybridWeight(prompt_linear.pack(weight), quantize(weight, name)))
         else:
-            log.info("int8 prompt rows stay int8: oneDNN's packed fp32 linear is missing or not batch-invariant")
+            log.info("int8 prompt rows stay int8: oneDNN's packed linears are missing or not batch-invariant")
             self._linear = self._logits_linear = RowScaledInt8Linear()
             self._pack_layers(quantize)
         self.lm_head = quantize(self.lm_head, "lm_head")
