@@ -131,7 +131,13 @@ async def run_load(url: str, prompts: list[dict], concurrency: int, max_tokens: 
     async def client_loop(client):
         while not queue.empty():
             p = queue.get_nowait()
-            timings.append(await stream_chat(client, url, p["prompt"], p["category"], max_tokens, extra))
+            try:
+                timing = await stream_chat(client, url, p["prompt"], p["category"], max_tokens, extra)
+            except httpx.RemoteProtocolError:
+                # The server closed a kept-alive connection as the request went out (llama.cpp's server
+                # did, after a few streamed requests): no response began, so send it once more.
+                timing = await stream_chat(client, url, p["prompt"], p["category"], max_tokens, extra)
+            timings.append(timing)
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:

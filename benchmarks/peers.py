@@ -159,16 +159,20 @@ def measure_llama_server(binary: str | None, gguf: Path, sets: dict[str, list[di
     if not url:
         return []
     name = "llama.cpp server" + (f" ({' '.join(extra)})" if extra else "")
+    loads = [(prompts_name, prompts, 1) for prompts_name, prompts in sets.items()]
+    if concurrent:
+        loads.append(("mixed", sets["short"] + sets["code_edit"], concurrent))
+    rows = []
     try:
         asyncio.run(run_load(url, sets["short"][:1], 1, max_tokens))  # warm-up, as specd's
-        rows = []
-        for prompts_name, prompts in sets.items():
-            timings, wall = asyncio.run(run_load(url, prompts, 1, max_tokens))
-            rows.append(rate_row(name, prompts_name, 1, sum(t.num_output_tokens for t in timings), wall))
-        if concurrent:
-            both = sets["short"] + sets["code_edit"]
-            timings, wall = asyncio.run(run_load(url, both, concurrent, max_tokens))
-            rows.append(rate_row(name, "mixed", concurrent, sum(t.num_output_tokens for t in timings), wall))
+        for prompts_name, prompts, clients in loads:
+            timings, wall = asyncio.run(run_load(url, prompts, clients, max_tokens))
+            rows.append(rate_row(name, prompts_name, clients, sum(t.num_output_tokens for t in timings), wall))
+        return rows
+    except httpx.HTTPError as e:  # a peer that crashes mid-run (seen: its --no-repack build on an AMX guest)
+        proc.poll()
+        print(f"llama.cpp server failed ({type(e).__name__}, exit code {proc.returncode}) after {len(rows)} of "
+              f"{len(loads)} loads; the rest of its rows are missing")
         return rows
     finally:
         proc.terminate()
