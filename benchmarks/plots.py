@@ -143,7 +143,7 @@ def save_charts(json_path: Path, benchmark: str, rows: list[dict], log=print) ->
         log(MISSING)
         return []
     written = []
-    for name, plot in CHARTS[benchmark]:
+    for name, plot in CHARTS.get(benchmark, ()):
         path = json_path.with_name(f"{json_path.stem}_{name}.png")
         if plot(plt, rows, path):
             written.append(str(path))
