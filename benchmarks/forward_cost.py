@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8", "int8-fast"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "fp16"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,9 +61,10 @@ def main() -> None:
     block_size = 16
     max_batch = max(args.batch)
     num_tokens = max_batch * (-(-(args.context + 64) // block_size)) * block_size
-    runner = ModelRunner(cfg, model_dir, CacheConfig(block_size, num_tokens), dtype=args.dtype,
+    runner = ModelRunner(cfg, model_dir, CacheConfig(block_size, num_tokens, args.kv_cache_dtype), dtype=args.dtype,
                          linear_backend=args.linear_backend)
-    print(f"model {model_dir.name}, linear backend {runner.model.linear_backend}, threads {torch.get_num_threads()}")
+    print(f"model {model_dir.name}, linear backend {runner.model.linear_backend}, threads {torch.get_num_threads()}, "
+          f"K/V cache {runner.kv_dtype}")
     for batch in args.batch:
         reqs = _requests(batch, args.context, block_size, cfg.vocab_size)
         # The context's K/V slots are left as they are (zeros): attention's cost does not depend on values.

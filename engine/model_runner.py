@@ -21,10 +21,32 @@ from pathlib import Path
 import torch
 
 from engine.config import CacheConfig, ModelConfig
-from engine.models.llama import ACTIVATION_DTYPES, AttentionMetadata, LlamaModel
+from engine.models.int8 import SPLIT_SHARES
+from engine.models.llama import ACTIVATION_DTYPES, TORCH_DTYPES, AttentionMetadata, LlamaModel
 from engine.types import DraftTree, ModelOutput, ScheduledRequest, SchedulerOutput
 from kernels.attention import plan_attention
 from kernels.kv_cache_ops import copy_slots
+from kernels.rope.cpu import kv_half_supported
+
+
+def kv_cache_dtype(requested: str, dtype: str, device: torch.device) -> torch.dtype:
+    """The K/V cache's torch dtype for --kv-cache-dtype `requested` under --dtype `dtype`.
+
+    auto: fp16 for the int8 dtypes on a CPU whose C kernels convert it (F16C). Why: a decoding step's
+    attention reads every request's K/V, ~30% of a 16-request step of the default model at context
+    400 in fp32 (benchmarks/op_costs.py); fp16 halves those bytes and the cache's memory, and the int8
+    dtypes already trade exactness with HF for speed (their quality bar includes it: README). fp32
+    elsewhere keeps --dtype fp32 token-identical to HF transformers; other activation dtypes keep theirs.
+    """
+    activations = ACTIVATION_DTYPES[dtype]
+    if requested == "auto":
+        if dtype in SPLIT_SHARES and device.type == "cpu" and kv_half_supported():
+            return torch.float16
+        return activations
+    chosen = TORCH_DTYPES[requested]
+    if chosen != activations and activations != torch.float32:
+        raise ValueError(f"--kv-cache-dtype {requested} needs fp32 activations (--dtype fp32 or an int8 dtype)")
+    return chosen
 
 
 @dataclass
@@ -153,14 +175,15 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.device = torch.device(device)
         self.dtype_name = dtype
-        self.dtype = ACTIVATION_DTYPES[dtype]  # torch.dtype of weights, activations and KV cache
+        self.dtype = ACTIVATION_DTYPES[dtype]  # torch.dtype of weights and activations
+        self.kv_dtype = kv_cache_dtype(cache_config.dtype, dtype, self.device)
         self.model = LlamaModel.from_hf_dir(model_dir, model_config, device, dtype, linear_backend)
         self.lookahead: torch.Tensor | None = None  # [L, hidden] PaSS embeddings (set_lookahead)
         shape = (cache_config.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded attention reads unused slots under a mask and needs them finite.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(model_config.num_layers)
         ]
 

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from engine.config import DEFAULT_MODEL, DTYPES, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import (DEFAULT_MODEL, DTYPES, KV_CACHE_DTYPES, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig,
+                           SchedulerConfig)
 from engine.train.cli import add_train_parser, run_train
 from server.hugepages import reexec_with_hugepages
 from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
@@ -34,6 +35,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond which new ones get 429")
     p.add_argument("--kv-cache-tokens", type=int, default=d_cache.num_tokens)
     p.add_argument("--block-size", type=int, default=d_cache.block_size)
+    p.add_argument("--kv-cache-dtype", default=d_cache.dtype, choices=list(KV_CACHE_DTYPES),
+                   help="auto: fp16 for the int8 dtypes on a CPU with F16C, else the activations' dtype")
     p.add_argument("--spec", default="none", choices=list(SPEC_METHODS),
                    help="speculation method for requests that don't pick one")
     p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
@@ -79,7 +82,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
-        cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens),
+        cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),
     )

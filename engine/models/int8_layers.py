@@ -101,9 +101,11 @@ class Int8Layers:
         if self._bound_caches is kv_caches:
             return
         for (_, struct, _), (k_cache, v_cache) in zip(self.layers, kv_caches):
-            assert k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.float16)
+            assert k_cache.is_contiguous() and v_cache.is_contiguous()
             struct.k_cache, struct.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         k_cache = kv_caches[0][0]
+        self.step.kv_half = k_cache.dtype == torch.float16
         self.step.block_size = k_cache.shape[1]
         self.step.num_slots = k_cache.numel() // (self.config.num_kv_heads * self.config.head_dim)
         self._bound_caches = kv_caches

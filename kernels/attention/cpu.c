@@ -22,12 +22,18 @@
  * 2000 keys 916 -> 632, 11 verify rows over 600 keys 630 -> 476, 16 decode rows over 200 keys
  * 1006 -> 629, a 64-row prompt chunk 2422 -> 1616, a 256-row chunk over 300 keys 2864 -> 2105.
  * Every output has the bits it had.
+ *
+ * K/V in fp16 (kv_half: half the bytes to read): each unit first converts the keys and values it
+ * reads into fp32 scratch (exact), then runs the same fp32 code on them, so a row's bits are those
+ * of the fp32 kernel over the fp16 values, whichever unit or batch it is in.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../half.h"
 
 #define LANES 8
 #define MAX_THREADS 64
@@ -313,8 +319,9 @@ struct unit {
 };
 
 struct step {
-    const float *q, *k_cache, *v_cache;
-    int64_t q_stride, num_heads, num_kv_heads, head_dim, group, max_scores;
+    const float *q;
+    const void *k_cache, *v_cache; /* fp32, or fp16 when kv_half */
+    int64_t q_stride, num_heads, num_kv_heads, head_dim, group, max_scores, max_kv_len, kv_half;
     const int32_t *cu_q, *kv_lens;
     const int64_t *req_ids, *key_rows, *key_offsets; /* key_rows of request r at key_offsets[r] */
     const uint8_t *tree_mask;
@@ -325,11 +332,36 @@ struct step {
     int failed;
 };
 
+/* fp16 K/V: the keys and values 0..last-1 of one KV head, converted into [last, head_dim] fp32
+ * scratch; rows becomes the offsets that address them there as attend_rows does the cache. */
+static void keys_to_scratch(const struct step *st, const int64_t *key_rows, int64_t kv_head, int64_t last,
+                            float *k_buf, float *v_buf, int64_t *rows) {
+    const uint16_t *k_cache = st->k_cache, *v_cache = st->v_cache;
+    int64_t d = st->head_dim;
+    for (int64_t k = 0; k < last; ++k) {
+        if (k + PREFETCH_KEYS < last) { /* 64 halves: one cache line per row */
+            __builtin_prefetch(k_cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
+            __builtin_prefetch(v_cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
+        }
+        half_to_floats(k_cache + (key_rows[k] + kv_head) * d, k_buf + k * d, d);
+        half_to_floats(v_cache + (key_rows[k] + kv_head) * d, v_buf + k * d, d);
+        rows[k] = k - kv_head;
+    }
+}
+
 static void *run_units(void *arg) {
     struct step *st = arg;
     float *scores = malloc(st->max_scores * sizeof(float));
-    if (!scores) {
+    float *k_buf = NULL, *v_buf = NULL;
+    int64_t *scratch_rows = NULL;
+    if (st->kv_half) {
+        k_buf = malloc(st->max_kv_len * st->head_dim * sizeof(float));
+        v_buf = malloc(st->max_kv_len * st->head_dim * sizeof(float));
+        scratch_rows = malloc(st->max_kv_len * sizeof(int64_t));
+    }
+    if (!scores || (st->kv_half && (!k_buf || !v_buf || !scratch_rows))) {
         __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
+        free(scores), free(k_buf), free(v_buf), free(scratch_rows);
         return NULL;
     }
     for (;;) {
@@ -340,28 +372,36 @@ static void *run_units(void *arg) {
         const uint8_t *tree = NULL;
         if (st->tree_mask && st->cu_tree_mask[b + 1] > st->cu_tree_mask[b]) tree = st->tree_mask + st->cu_tree_mask[b];
         int64_t j1 = u->j0 + ROW_BLOCK < q_len ? u->j0 + ROW_BLOCK : q_len;
-        attend_rows(st->q, st->q_stride, st->k_cache, st->v_cache, st->key_rows + st->key_offsets[u->r], q0, q_len,
-                    u->j0, j1, kv_len, u->kv_head, st->group, u->g0, u->g1, st->num_heads, st->head_dim, st->scale,
-                    tree, scores, st->out);
+        const float *k_cache = st->k_cache, *v_cache = st->v_cache;
+        const int64_t *rows = st->key_rows + st->key_offsets[u->r];
+        if (st->kv_half) { /* the keys this unit's rows see (attend_rows' last_key) */
+            keys_to_scratch(st, rows, u->kv_head, tree ? kv_len : kv_len - q_len + j1, k_buf, v_buf, scratch_rows);
+            k_cache = k_buf, v_cache = v_buf, rows = scratch_rows;
+        }
+        attend_rows(st->q, st->q_stride, k_cache, v_cache, rows, q0, q_len, u->j0, j1, kv_len, u->kv_head,
+                    st->group, u->g0, u->g1, st->num_heads, st->head_dim, st->scale, tree, scores, st->out);
     }
-    free(scores);
+    free(scores), free(k_buf), free(v_buf), free(scratch_rows);
     return NULL;
 }
 
 /* Attention of the requests req_ids[0..num_reqs) (each with q_len >= 1); writes their rows of out
  * (packed [rows, num_heads, head_dim]). q's rows are q_stride floats apart, heads packed in a row.
- * Up to num_threads threads (this one included) share the work when there is enough of it.
- * Returns 0, or -1 when memory or a thread could not be had. */
-int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+ * The caches hold fp32, or fp16 when kv_half. Up to num_threads threads (this one included) share
+ * the work when there is enough of it. Returns 0, or -1 when memory or a thread could not be had
+ * or fp16 is asked of a build without it. */
+int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                          const int32_t *cu_q, const int32_t *kv_lens, const int32_t *block_tables, int64_t max_blocks,
                          const int64_t *req_ids, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t block_size, float scale, const uint8_t *tree_mask,
-                         const int64_t *cu_tree_mask, float *out, int64_t num_threads) {
-    int64_t group = num_heads / num_kv_heads, max_scores = 1, total_keys = 0, work = 0, row_blocks = 0;
+                         const int64_t *cu_tree_mask, float *out, int64_t num_threads, int64_t kv_half) {
+    if (kv_half && !KV_HALF_SUPPORTED) return -1;
+    int64_t group = num_heads / num_kv_heads, max_scores = 1, total_keys = 0, work = 0, row_blocks = 0, max_kv = 1;
     for (int64_t r = 0; r < num_reqs; ++r) {
         int64_t b = req_ids[r], rows = cu_q[b + 1] - cu_q[b];
         int64_t size = group * (rows < ROW_BLOCK ? rows : ROW_BLOCK) * kv_lens[b];
         max_scores = size > max_scores ? size : max_scores;
+        max_kv = kv_lens[b] > max_kv ? kv_lens[b] : max_kv;
         total_keys += kv_lens[b];
         work += rows * kv_lens[b];
         row_blocks += (rows + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -393,8 +433,8 @@ int paged_attention_rows(const float *q, int64_t q_stride, const float *k_cache,
             key_rows[offset + k] = ((int64_t)table[k / block_size] * block_size + k % block_size) * num_kv_heads;
         offset += kv_lens[b];
     }
-    struct step st = {q, k_cache, v_cache, q_stride, num_heads, num_kv_heads, head_dim, group, max_scores,
-                      cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
+    struct step st = {q, k_cache, v_cache, q_stride, num_heads, num_kv_heads, head_dim, group, max_scores, max_kv,
+                      kv_half, cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
                       units, num_units, 0, 0};
     int64_t helpers = threads_wanted - 1 < num_units - 1 ? threads_wanted - 1 : num_units - 1;
     helpers = helpers < MAX_THREADS ? helpers : MAX_THREADS;

@@ -20,7 +20,9 @@ from kernels.cbuild import F32, F32P, I32P, I64, I64P, U8P, load as _load
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
     ("paged_attention_rows",
-     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P, I64), ctypes.c_int),
+     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P, I64, I64),
+     ctypes.c_int),
+    ("kv_half_supported", (), ctypes.c_int),
 )
 
 
@@ -67,9 +69,11 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
     """Same contract as ref.paged_attention, for fp32 CPU tensors."""
     # q may be a view into the fused qkv projection: rows strided, heads and dims packed.
     q_packed = q.stride(2) == 1 and q.stride(1) == q.shape[2]
-    if not (q_packed and all(t.dtype == torch.float32 for t in (q, k_cache, v_cache))
+    # cpu.c converts each fp16 key it reads, exactly (with F16C; without it the reference runs)
+    kv_half = k_cache.dtype == v_cache.dtype == torch.float16 and bool(load().kv_half_supported())
+    if not (q_packed and q.dtype == torch.float32 and (kv_half or k_cache.dtype == v_cache.dtype == torch.float32)
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        # bf16/fp16 on a CPU (rare): the reference, planned afresh
+        # bf16/fp16 activations on a CPU (rare): the reference, planned afresh
         return ref.paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask,
                                    cu_tree_mask, out=out)
     if plan is None:
@@ -86,7 +90,8 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
         plan.kv_lens.data_ptr(), plan.block_tables.data_ptr(), plan.block_tables.shape[1],
         plan.req_ids.data_ptr(), plan.req_ids.numel(), q.shape[1], num_kv_heads, head_dim, block_size,
         scale, None if plan.tree_mask is None else plan.tree_mask.data_ptr(),
-        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        kv_half)
     if status != 0:
-        raise MemoryError("C attention could not allocate its buffers")
+        raise MemoryError("C attention could not allocate its buffers (or an fp16 cache without F16C)")
     return out

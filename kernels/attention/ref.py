@@ -212,6 +212,7 @@ def _attend_batched(g: _BatchedGroup, q, k_flat, v_flat, out, scale: float) -> t
         k = torch.index_select(k_flat, 0, g.kv_slot_ids, out=g.k_buf).view(m, max_kv, num_kv_heads, head_dim)
         v = torch.index_select(v_flat, 0, g.kv_slot_ids, out=g.v_buf).view(m, max_kv, num_kv_heads, head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # an fp16 cache under fp32 activations: exact
     o = F.scaled_dot_product_attention(qp, k, v, attn_mask=g.mask, scale=scale)  # [m, KVH, G*max_q, D]
     o = o.view(m, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4).reshape(m * max_q, num_heads, head_dim)
     if g.dst_pos is None:
@@ -222,8 +223,8 @@ def _attend_batched(g: _BatchedGroup, q, k_flat, v_flat, out, scale: float) -> t
 
 def _attend_single(s: _SingleRequest, q, k_flat, v_flat, out, scale: float) -> None:
     qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)  # [H, q_len, D]
-    k = k_flat.index_select(0, s.kv_slot_ids).transpose(0, 1)  # [KVH, kv_len, D]
-    v = v_flat.index_select(0, s.kv_slot_ids).transpose(0, 1)
+    k = k_flat.index_select(0, s.kv_slot_ids).transpose(0, 1).to(q.dtype)  # [KVH, kv_len, D]
+    v = v_flat.index_select(0, s.kv_slot_ids).transpose(0, 1).to(q.dtype)
     o = F.scaled_dot_product_attention(
         qs, k, v, attn_mask=s.mask, is_causal=s.mask is None, scale=scale, enable_gqa=True
     )

@@ -29,6 +29,7 @@ typedef struct {
     const int64_t *req_ids;
     const uint8_t *tree_mask;
     const int64_t *cu_tree_mask;
+    int64_t kv_half; /* the caches hold fp16 (else fp32) */
 } decoder_step;
 
 /* One layer's weights besides the packed matmuls: norms, biases, split maps (NULL: none), the widths
@@ -37,7 +38,7 @@ typedef struct {
     const float *input_norm, *post_norm, *qkv_bias, *o_bias;
     const int32_t *qkv_split, *o_split, *gate_up_split, *down_split;
     int64_t qkv_y_width, o_y_width, gate_up_y_width, down_y_width;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
 } decoder_layer;
 
 static void prep_rows(const decoder_step *s, const float *x, int64_t width, const float *norm, float *buf) {
@@ -59,12 +60,13 @@ int decoder_after_qkv(const decoder_step *s, const decoder_layer *l, const float
     int64_t q_width = s->num_heads * s->head_dim, width = q_width + 2 * s->num_kv_heads * s->head_dim;
     finish_rows(s, y, width, l->qkv_y_width, l->qkv_bias, s->qkv, 0, l->qkv_split);
     if (rotate_and_store(s->qkv, s->rows, width, s->cos, s->sin, s->num_heads, s->num_kv_heads, s->head_dim,
-                         l->k_cache, l->v_cache, s->slots, s->num_slots) != 0)
+                         l->k_cache, l->v_cache, s->slots, s->num_slots, s->kv_half) != 0)
         return 1;
     if (s->num_reqs > 0 &&
         paged_attention_rows(s->qkv, width, l->k_cache, l->v_cache, s->cu_q, s->kv_lens, s->block_tables,
                              s->max_blocks, s->req_ids, s->num_reqs, s->num_heads, s->num_kv_heads, s->head_dim,
-                             s->block_size, s->scale, s->tree_mask, s->cu_tree_mask, s->attn, s->num_threads) != 0)
+                             s->block_size, s->scale, s->tree_mask, s->cu_tree_mask, s->attn, s->num_threads,
+                             s->kv_half) != 0)
         return 2;
     prep_rows(s, s->attn, q_width, NULL, s->in_hidden);
     return 0;

@@ -11,18 +11,23 @@ from kernels.rope.ref import apply_rope
 
 __all__ = ["apply_rope", "rotate_and_store"]
 
+KV_DTYPES = (torch.float32, torch.float16)  # the C path's caches (fp16 where the CPU has F16C: cpu.c)
+
 
 def _c_library(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
     # Only under "auto": a forced "triton" or "ref" must reach that backend's store_kv (ref.py's path).
     if backend.get_backend() != "auto" or qkv.device.type != "cpu" or qkv.stride(1) != 1:
         return None
-    if not all(t.dtype == torch.float32 for t in (qkv, k_cache, v_cache)):
+    if qkv.dtype != torch.float32 or k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_DTYPES:
         return None
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
     from kernels.rope import cpu
 
-    return cpu.load()
+    lib = cpu.load()
+    if lib is not None and k_cache.dtype == torch.float16 and not lib.kv_half_supported():
+        return None  # no F16C: the reference stores fp16
+    return lib
 
 
 def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -42,6 +47,7 @@ def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     assert slots.shape == (num_tokens,)
     if lib.rotate_and_store(qkv.data_ptr(), num_tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), num_heads,
                             num_kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                            k_cache.numel() // (num_kv_heads * head_dim)) != 0:
-        raise ValueError(f"C rope: head_dim {head_dim} unsupported (even, at most 512) or a slot out of range")
+                            k_cache.numel() // (num_kv_heads * head_dim), k_cache.dtype == torch.float16) != 0:
+        raise ValueError(f"C rope: head_dim {head_dim} unsupported (even, at most 512), a slot out of range "
+                         "or an fp16 cache without F16C")
     return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)

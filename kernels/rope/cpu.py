@@ -8,9 +8,16 @@ from kernels.cbuild import F32P, I64, I64P, load as _load
 
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
-    ("rotate_and_store", (F32P, I64, I64, F32P, F32P, I64, I64, I64, F32P, F32P, I64P, I64), ctypes.c_int),
+    ("rotate_and_store", (F32P, I64, I64, F32P, F32P, I64, I64, I64, F32P, F32P, I64P, I64, I64), ctypes.c_int),
+    ("kv_half_supported", (), ctypes.c_int),
 )
 
 
 def load():
     return _load(SOURCE, SIGNATURES)
+
+
+def kv_half_supported() -> bool:
+    """Whether the C kernels here can hold K/V in fp16 (they need F16C)."""
+    lib = load()
+    return lib is not None and bool(lib.kv_half_supported())

@@ -76,6 +76,23 @@ def test_a_row_has_the_bits_of_the_same_token_decoded(q_len):
             assert torch.equal(decode[row], verify[start + j]), f"row {j} (neighbours: {neighbours})"
 
 
+@pytest.mark.skipif(not cpu.load().kv_half_supported(), reason="no F16C: fp16 caches take the reference")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp16_caches_give_the_bits_of_their_fp32_values(case):
+    """An fp16 K/V cache is read as its exact fp32 values: the same bits as the fp32 kernel on
+    cache.float(), and the reference (which converts too) agrees."""
+    q_lens, kv_lens, tree_ids = CASES[case]
+    b = make_batch(q_lens, kv_lens, 3, 3, 64, tree_ids=tree_ids, seed=21)
+    half = [c.to(torch.float16) for c in (b.k_cache, b.v_cache)]
+    args = list(b.args())
+    args[1], args[2] = half
+    got = cpu.paged_attention(*args)
+    args[1], args[2] = (c.float() for c in half)
+    assert torch.equal(got, cpu.paged_attention(*args))
+    args[1], args[2] = half
+    torch.testing.assert_close(got, ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
 def test_queries_may_be_a_view_of_the_fused_projection():
     """The model passes q as a slice of its qkv output: rows strided, heads packed."""
     b = make_batch([3, 1, 20], [10, 5, 30], 3, 3, 64, seed=12)

@@ -22,23 +22,29 @@ def _tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos().contiguous(), sin.contiguous()
 
 
-def _inputs(num_tokens: int, seed: int):
+def _inputs(num_tokens: int, seed: int, kv_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     # a strided qkv: rows of a wider tensor, as a view into a bigger activation would be
     qkv = torch.randn(num_tokens, width + 7, generator=gen)[:, :width]
     positions = torch.randint(0, 4000, (num_tokens,), generator=gen)
     slots = torch.randperm(SLOTS, generator=gen)[:num_tokens]
-    caches = [torch.full((SLOTS // 16, 16, KV_HEADS, HEAD_DIM), float("nan")) for _ in range(2)]
+    caches = [torch.full((SLOTS // 16, 16, KV_HEADS, HEAD_DIM), float("nan"), dtype=kv_dtype) for _ in range(2)]
     return qkv, *_tables(positions), slots, caches
 
 
+KV_DTYPES = [torch.float32, pytest.param(torch.float16, marks=pytest.mark.skipif(
+    not cpu.kv_half_supported(), reason="no F16C: fp16 caches take the reference"))]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
-def test_c_matches_reference_bit_for_bit(num_tokens):
+def test_c_matches_reference_bit_for_bit(num_tokens, kv_dtype):
+    """fp16 caches: the C store rounds as torch's .to(torch.float16) does (to nearest even)."""
     assert cpu.load() is not None, "a C compiler is here, so the C kernel must build"
-    qkv, cos, sin, slots, (k_ref, v_ref) = _inputs(num_tokens, num_tokens)
+    qkv, cos, sin, slots, (k_ref, v_ref) = _inputs(num_tokens, num_tokens, kv_dtype)
     q_ref = ref.rotate_and_store(qkv.clone(), cos, sin, k_ref, v_ref, slots, HEADS, KV_HEADS)
-    _, _, _, _, (k_c, v_c) = _inputs(num_tokens, num_tokens)
+    _, _, _, _, (k_c, v_c) = _inputs(num_tokens, num_tokens, kv_dtype)
     qkv_c = qkv.clone()
     q_c = rope.rotate_and_store(qkv_c, cos, sin, k_c, v_c, slots, HEADS, KV_HEADS)
     assert q_c.data_ptr() == qkv_c.data_ptr(), "the C path rotates q in place and returns a view"

@@ -11,10 +11,12 @@ from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, S
 from kernels import backend
 
 
-@pytest.fixture(scope="module", params=["int8", "int8-fast"])
+@pytest.fixture(scope="module", params=[("int8", "auto"), ("int8-fast", "auto"), ("int8", "fp32")],
+                ids=lambda p: f"{p[0]}-kv-{p[1]}")
 def runner(request, tiny_model_dir):
-    runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 1024),
-                         dtype=request.param)
+    dtype, kv_dtype = request.param  # auto: fp16 K/V where the C kernels convert it
+    runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 1024, kv_dtype),
+                         dtype=dtype)
     if runner.model.int8_layers is None:
         pytest.skip("no C compiler: only the layer-by-op path exists")
     return runner

@@ -188,3 +188,34 @@ def test_fp32_steps_plan_the_c_attention_kernel(runner, blocks):
     req = blocks.request("p", _prompt(9, 5))
     plan = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(req, 9)])).attn_metadata.plan
     assert isinstance(plan, cpu.CpuPlan) == (cpu.load() is not None)
+
+
+def test_kv_cache_dtype_follows_the_flag_and_the_dtype():
+    """auto: fp16 K/V for the int8 dtypes where the C kernels convert it, the activations' dtype
+    otherwise (fp32 stays HF-exact); an explicit dtype other than fp32 activations' is refused."""
+    from engine.model_runner import kv_cache_dtype
+    from kernels.rope.cpu import kv_half_supported
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype("auto", "fp32", cpu) == torch.float32
+    assert kv_cache_dtype("auto", "int8", cpu) == (torch.float16 if kv_half_supported() else torch.float32)
+    assert kv_cache_dtype("auto", "int8", torch.device("cuda")) == torch.float32
+    assert kv_cache_dtype("fp32", "int8", cpu) == torch.float32
+    assert kv_cache_dtype("fp16", "fp32", cpu) == torch.float16
+    assert kv_cache_dtype("auto", "bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="needs fp32 activations"):
+        kv_cache_dtype("fp16", "bf16", cpu)
+    with pytest.raises(ValueError, match="kv cache dtype"):
+        CacheConfig(dtype="int8")
+
+
+def test_an_fp16_cache_serves_fp32_activations(tiny_model_dir):
+    """--dtype fp32 --kv-cache-dtype fp16: the cache holds fp16, and logits stay close to fp32's."""
+    cfg = ModelConfig.from_hf_dir(tiny_model_dir)
+    runners = [ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 1024, kv)) for kv in ("fp32", "fp16")]
+    assert runners[1].kv_caches[0][0].dtype == torch.float16
+    logits = []
+    for runner in runners:
+        req = _Blocks(runner.cache_config.num_blocks).request("r", _prompt(20, 9))
+        logits.append(_step(runner, (req, 20)))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-2, rtol=1e-2)
