@@ -83,7 +83,7 @@ class CacheConfig:
     dtype: str = "auto"
     """K/V cache dtype (--kv-cache-dtype): auto | fp32 | fp16. auto: fp16 for the int8 dtypes on a
     CPU whose C kernels can convert it (F16C), else the activations' dtype (fp32 keeps `--dtype fp32`
-    equal to HF transformers). fp16 halves what attention reads: engine/model_runner.py."""
+    equal to HF transformers). Measurements: engine/model_runner.py kv_cache_dtype."""
 
     def __post_init__(self):
         if self.block_size <= 0 or self.num_tokens < self.block_size:

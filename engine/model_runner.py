@@ -32,11 +32,12 @@ from kernels.rope.cpu import kv_half_supported
 def kv_cache_dtype(requested: str, dtype: str, device: torch.device) -> torch.dtype:
     """The K/V cache's torch dtype for --kv-cache-dtype `requested` under --dtype `dtype`.
 
-    auto: fp16 for the int8 dtypes on a CPU whose C kernels convert it (F16C). Why: a decoding step's
-    attention reads every request's K/V, ~30% of a 16-request step of the default model at context
-    400 in fp32 (benchmarks/op_costs.py); fp16 halves those bytes and the cache's memory, and the int8
-    dtypes already trade exactness with HF for speed (their quality bar includes it: README). fp32
-    elsewhere keeps --dtype fp32 token-identical to HF transformers; other activation dtypes keep theirs.
+    auto: fp16 for the int8 dtypes on a CPU whose C kernels convert it (F16C). Why: half the cache's
+    memory and of the bytes attention reads, which the int8 dtypes' quality bar still meets (README).
+    The speed gain is small, as the C attention is bound by its arithmetic more than by memory: on a
+    2-core Intel guest 16 decoding requests took 84-86 ms per step at context 1200 against 92-94 in
+    fp32, 54-56 against 57-58 at 400, batch 1 the same (benchmarks/forward_cost.py). fp32 elsewhere
+    keeps --dtype fp32 token-identical to HF transformers; other activation dtypes keep theirs.
     """
     activations = ACTIVATION_DTYPES[dtype]
     if requested == "auto":
