@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402,F401  - sets how OpenMP threads wait, before torch loads
 import torch  # noqa: E402
 
-from engine.config import CacheConfig, ModelConfig  # noqa: E402
+from engine.config import KV_CACHE_DTYPES, CacheConfig, ModelConfig  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
 from engine.models.loader import resolve_model_dir  # noqa: E402
 from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, SchedulerOutput  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8", "int8-fast"])
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "fp16"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

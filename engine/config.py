@@ -121,7 +121,7 @@ class EngineConfig:
     device: str = "auto"
     """auto | cpu | cuda"""
     dtype: str = "auto"
-    """auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA)"""
+    """auto | fp32 | bf16 | fp16 | int8 | int8-fast (auto: int8 on CPU, bf16 on CUDA)"""
     spec: str = "none"
     """Server-wide speculation method (--spec); a request may pick another in its `speculative` field."""
     num_draft_tokens: int = 5

@@ -130,30 +130,23 @@ def _merge_outputs(scheduled: list[ScheduledRequest], groups: list[list[Schedule
                    outs: list[ModelOutput]) -> ModelOutput:
     """The groups' outputs back in scheduled order: each request's sample rows (1 + its drafts when
     it samples) and look-ahead rows sit together in its group's output."""
-    where = {}  # request id -> (group, first sample row, first look-ahead row)
+    where = {}  # request id -> (group, first sample row, sample rows, first look-ahead row, look-ahead rows)
     for g, group in enumerate(groups):
         row = lookahead = 0
         for s in group:
-            where[s.request.request_id] = (g, row, lookahead)
-            row += _num_sample_rows(s)
-            lookahead += _num_lookahead_rows(s)
+            lay = request_layout(s)
+            where[s.request.request_id] = (g, row, len(lay.sample_rows), lookahead, len(lay.lookahead_rows))
+            row += len(lay.sample_rows)
+            lookahead += len(lay.lookahead_rows)
     logits, hidden, lookahead_logits = [], [], []
     for s in scheduled:
-        g, row, lookahead = where[s.request.request_id]
-        logits.append(outs[g].logits[row : row + _num_sample_rows(s)])
-        hidden.append(outs[g].hidden_states[row : row + _num_sample_rows(s)])
-        if _num_lookahead_rows(s):
-            lookahead_logits.append(outs[g].lookahead_logits[lookahead : lookahead + _num_lookahead_rows(s)])
+        g, row, num_rows, lookahead, num_lookahead = where[s.request.request_id]
+        logits.append(outs[g].logits[row : row + num_rows])
+        hidden.append(outs[g].hidden_states[row : row + num_rows])
+        if num_lookahead:
+            lookahead_logits.append(outs[g].lookahead_logits[lookahead : lookahead + num_lookahead])
     return ModelOutput(logits=torch.cat(logits), hidden_states=torch.cat(hidden),
                        lookahead_logits=torch.cat(lookahead_logits) if lookahead_logits else None)
-
-
-def _num_sample_rows(s: ScheduledRequest) -> int:
-    return (1 + (len(s.draft) if s.draft is not None else 0)) if s.samples else 0  # as request_layout
-
-
-def _num_lookahead_rows(s: ScheduledRequest) -> int:
-    return s.num_lookahead if s.samples else 0  # as request_layout
 
 
 @dataclass

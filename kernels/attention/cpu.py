@@ -16,13 +16,13 @@ import torch
 
 from kernels.attention import ref
 from kernels.cbuild import F32, F32P, I32P, I64, I64P, U8P, load as _load
+from kernels.rope.cpu import kv_half_supported  # the same kernels/half.h, built with the same flags
 
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
     ("paged_attention_rows",
      (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P, I64, I64),
      ctypes.c_int),
-    ("kv_half_supported", (), ctypes.c_int),
 )
 
 
@@ -70,7 +70,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
     # q may be a view into the fused qkv projection: rows strided, heads and dims packed.
     q_packed = q.stride(2) == 1 and q.stride(1) == q.shape[2]
     # cpu.c converts each fp16 key it reads, exactly (with F16C; without it the reference runs)
-    kv_half = k_cache.dtype == v_cache.dtype == torch.float16 and bool(load().kv_half_supported())
+    kv_half = k_cache.dtype == v_cache.dtype == torch.float16 and kv_half_supported()
     if not (q_packed and q.dtype == torch.float32 and (kv_half or k_cache.dtype == v_cache.dtype == torch.float32)
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         # bf16/fp16 activations on a CPU (rare): the reference, planned afresh

@@ -24,10 +24,9 @@ def _c_library(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         return None
     from kernels.rope import cpu
 
-    lib = cpu.load()
-    if lib is not None and k_cache.dtype == torch.float16 and not lib.kv_half_supported():
+    if k_cache.dtype == torch.float16 and not cpu.kv_half_supported():
         return None  # no F16C: the reference stores fp16
-    return lib
+    return cpu.load()
 
 
 def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 from kernels.cbuild import F32P, I64, I64P, load as _load
@@ -17,7 +18,9 @@ def load():
     return _load(SOURCE, SIGNATURES)
 
 
+@functools.cache
 def kv_half_supported() -> bool:
-    """Whether the C kernels here can hold K/V in fp16 (they need F16C)."""
+    """Whether the C kernels here can hold K/V in fp16 (they need F16C; kernels/half.h). Asked once:
+    the rope store and the attention read it on every call."""
     lib = load()
     return lib is not None and bool(lib.kv_half_supported())

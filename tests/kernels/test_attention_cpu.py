@@ -76,7 +76,7 @@ def test_a_row_has_the_bits_of_the_same_token_decoded(q_len):
             assert torch.equal(decode[row], verify[start + j]), f"row {j} (neighbours: {neighbours})"
 
 
-@pytest.mark.skipif(not cpu.load().kv_half_supported(), reason="no F16C: fp16 caches take the reference")
+@pytest.mark.skipif(not cpu.kv_half_supported(), reason="no F16C: fp16 caches take the reference")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fp16_caches_give_the_bits_of_their_fp32_values(case):
     """An fp16 K/V cache is read as its exact fp32 values: the same bits as the fp32 kernel on
