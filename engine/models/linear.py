@@ -4,7 +4,7 @@
 - fp32: F.linear (MKL) or oneDNN with pre-packed weights, whichever `measure_backends` finds faster
   on this machine at load time (oneDNN was ~1.3-1.5x faster for few rows on the dev CPU).
 - int8 dtypes: `PromptRowsDense`, which runs prompt-token rows through a dense oneDNN linear (bf16 in
-  fixed blocks of rows where the CPU has AMX and that measures faster, else fp32) and every other row
+  calls of 64-192 rows where the CPU has AMX and that measures faster, else fp32) and every other row
   (decoding, drafts, look-ahead rows) through the int8 layer of engine/models/int8.py.
 """
 from __future__ import annotations
@@ -51,11 +51,22 @@ def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-BF16_BLOCK_ROWS = 64
-"""Rows per oneDNN bf16 call. On an AMX host (2-core Intel KVM guest) a row's bf16 bits depended on
-how many rows the call had (1-47, 256 and 300 rows each gave other bits than calls of 64), but never
-on its place in a call of a fixed size or on the other rows. 64: a 64-row block of the default model's
-four linears took ~0.29 ms per layer, 128 rows ~0.42, 32 rows ~0.21."""
+BF16_CALL_ROWS = (64, 192)
+"""Fewest and most rows per oneDNN bf16 call. On an AMX host (2-core Intel KVM guest) a row's bf16 bits
+depended on how many rows the call had: 1-47, 256, 300 and 512 rows each gave some layer of the default
+model other bits than a call of 64, every size from 64 to 192 the same bits (onednn_rows_exact checks
+each size at load), and never on a row's place in the call or on the other rows. Bigger calls read
+each weight fewer times: 256 rows of the model's linears took 37 ms as two calls of 128, 50 ms as four
+of 64 (raw oneDNN calls, 30 layers of weights)."""
+
+
+def bf16_call_rows(rows: int) -> list[int]:
+    """How onednn_bf16_blocks splits `rows` into calls: as few as fit BF16_CALL_ROWS[1], of near-equal
+    sizes (each >= 64 once rows >= 64: two calls of 96 or more), the last call padded up to 64."""
+    fewest, most = BF16_CALL_ROWS
+    calls = max(1, -(-rows // most))
+    sizes = [rows // calls + (i < rows % calls) for i in range(calls)]
+    return [max(size, fewest) for size in sizes]
 
 
 def pack_onednn_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -63,22 +74,23 @@ def pack_onednn_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_bf16_blocks(x, weight, bias):
-    """fp32 rows -> bf16 (AMX) linear over weight packed by pack_onednn_bf16 -> fp32 rows, always in
-    calls of exactly BF16_BLOCK_ROWS rows (zero rows pad the last block), so a row's bits never depend
-    on how many rows came with it. Written block by block into one output: no concatenation, and
+    """fp32 rows -> bf16 (AMX) linear over weight packed by pack_onednn_bf16 -> fp32 rows, in calls of
+    64 to 192 rows (bf16_call_rows; zero rows pad a short prompt chunk up to 64), so a row's bits never
+    depend on how many rows came with it. Written call by call into one output: no concatenation, and
     no fresh zeroed buffer (each extra allocation and small parallel op cost tens of microseconds
     in a serving step)."""
-    rows, block = x.shape[0], BF16_BLOCK_ROWS
-    padded = torch.empty(-(-rows // block) * block, x.shape[1], dtype=torch.bfloat16)
+    rows, calls = x.shape[0], bf16_call_rows(x.shape[0])
+    padded = torch.empty(max(rows, calls[0]), x.shape[1], dtype=torch.bfloat16)
     padded[:rows] = x
     padded[rows:] = 0
-    out = None
-    for start in range(0, rows, block):
-        y = _LINEAR_POINTWISE(padded[start : start + block], weight, None, "none", [], "")
+    out, start = None, 0
+    for size in calls:
+        y = _LINEAR_POINTWISE(padded[start : start + size], weight, None, "none", [], "")
         if out is None:
             out = torch.empty(rows, y.shape[1], dtype=torch.float32)
-        stop = min(start + block, rows)
+        stop = min(start + size, rows)
         out[start:stop] = y[: stop - start]
+        start = stop
     return out if bias is None else out.add_(bias)
 
 
@@ -145,6 +157,9 @@ def onednn_rows_exact(weights: list[torch.Tensor], prompt_linear: PromptLinear =
             packed = prompt_linear.pack(weight)
             x = torch.randn(300, weight.shape[1], generator=gen)  # up to a long prompt chunk
             whole = prompt_linear.matmul(x, packed, None)
+            for rows in range(BF16_CALL_ROWS[0], BF16_CALL_ROWS[1] + 1):  # every bf16 call size
+                if not torch.equal(prompt_linear.matmul(x[:rows], packed, None), whole[:rows]):
+                    return False
             for size in (1, 2, 3, 5, 8, 16, 33, 64, 100, 256):
                 parts = torch.cat([prompt_linear.matmul(x[i : i + size], packed, None) for i in range(0, 300, size)])
                 if not torch.equal(parts, whole):
@@ -156,27 +171,32 @@ def onednn_rows_exact(weights: list[torch.Tensor], prompt_linear: PromptLinear =
 
 
 def choose_prompt_linear(weights: list[torch.Tensor], reps: int = 3) -> PromptLinear | None:
-    """The faster row-exact dense linear for prompt rows on this machine, timed on a 256-row chunk
-    (a long prompt's), or None when neither is row-exact. bf16 only where oneDNN has native bf16
-    (AMX or AVX-512 BF16): it emulates it elsewhere."""
-    exact = [p for p in (PROMPT_FP32, PROMPT_BF16)
-             if (p is PROMPT_FP32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()) and onednn_rows_exact(weights, p)]
-    if len(exact) < 2:
-        return exact[0] if exact else None
+    """The fastest row-exact dense linear for prompt rows on this machine, timed on a 256-row chunk
+    (a long prompt's), or None when none is row-exact. bf16 only where oneDNN has native bf16
+    (AMX or AVX-512 BF16): it emulates it elsewhere. Timed first, so only the fastest needs the
+    exactness check (~1 s each) when it passes."""
+    candidates = [PROMPT_FP32] + ([PROMPT_BF16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
     gen = torch.Generator().manual_seed(0)
     inputs = {w.shape[1]: torch.randn(256, w.shape[1], generator=gen) for w in weights}
-    packed = {p.name: [p.pack(w) for w in weights] for p in exact}
-    best = {p.name: float("inf") for p in exact}
-    for _ in range(reps):  # interleaved, best of reps: robust to a noisy neighbour
-        for p in exact:
+    best = {}
+    for p in candidates:
+        try:
+            packed = [p.pack(w) for w in weights]
+        except RuntimeError as e:  # a torch without oneDNN's packed linear, or without its bf16 kernels
+            log.info("%s linear unavailable (%s)", p.name, e)
+            continue
+        best[p] = float("inf")
+        for _ in range(reps):  # best of reps: robust to a noisy neighbour
             start = time.perf_counter()
-            for w in packed[p.name]:
+            for w in packed:
                 p.matmul(inputs[w.shape[1]], w, None)
-            best[p.name] = min(best[p.name], time.perf_counter() - start)
-    choice = min(exact, key=lambda p: best[p.name])
-    log.info("int8 prompt rows: %s (256 rows: %s)", choice.name,
-             ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items()))
-    return choice
+            best[p] = min(best[p], time.perf_counter() - start)
+    for choice in sorted(best, key=best.get):
+        if onednn_rows_exact(weights, choice):
+            log.info("int8 prompt rows: %s (256 rows: %s)", choice.name,
+                     ", ".join(f"{p.name} {t * 1e3:.2f} ms" for p, t in best.items()))
+            return choice
+    return None
 
 
 class HybridWeight(NamedTuple):

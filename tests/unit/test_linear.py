@@ -1,5 +1,5 @@
 """engine/models/linear.py: int8 models run prompt rows through a dense oneDNN linear (fp32, or bf16
-in fixed blocks of rows) and every other row through int8; each row's bits depend only on its token's
+in calls of 64-192 rows) and every other row through int8; each row's bits depend only on its token's
 role, never on the rest of the step. engine/model_runner.py runs a step mixing both as two forwards."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_a_lone_prompt_row_has_the_bits_it_has_among_others():
 @pytest.mark.skipif(not BF16, reason="oneDNN has no bf16 on this CPU")
 def test_bf16_blocks_give_a_row_its_bits_whatever_came_with_it():
     """oneDNN's bf16 rows depend on the call's row count (1-47, 256 and 300 rows differed from 64 on
-    an AMX host); blocks of a fixed size do not, and stay within bf16's rounding of fp32."""
+    an AMX host, 64-192 did not); calls of 64-192 rows do not, and stay within bf16's rounding of fp32."""
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(96, 576, generator=gen) / 24, torch.randn(576, 1536, generator=gen) / 40]
     assert linear.onednn_rows_exact(weights, linear.PROMPT_BF16)
@@ -53,6 +53,13 @@ def test_bf16_blocks_give_a_row_its_bits_whatever_came_with_it():
     x = torch.randn(3, 576, generator=gen)
     packed = linear.pack_onednn_bf16(weights[0])
     assert torch.equal(linear.onednn_bf16_blocks(x, packed, bias), linear.onednn_bf16_blocks(x, packed, None) + bias)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 150, 192, 193, 256, 300, 385, 1000])
+def test_bf16_calls_cover_the_rows_in_64_to_192_row_calls(rows):
+    sizes = linear.bf16_call_rows(rows)
+    assert sum(sizes) == max(rows, 64) and all(64 <= s <= 192 for s in sizes)
+    assert len(sizes) == -(-rows // 192) and max(sizes) - min(sizes) <= 1 + max(0, 64 - rows)
 
 
 def test_the_prompt_linear_chosen_is_row_exact():
