@@ -247,8 +247,10 @@ class ModelRunner:
         layouts = [request_layout(s) for s in sched.scheduled]
         self._check_capacity(sched.scheduled, layouts)
         flat_ids, flat_pos, flat_idx, req_of_token, sample_rows, cu_q = [], [], [], [], [], [0]
-        lookahead_rows, lookahead_counts, prompt_rows = [], [], []
+        lookahead_rows, lookahead_counts, prompt_rows, prompt_counts = [], [], [], []
         for i, (s, lay) in enumerate(zip(sched.scheduled, layouts)):
+            # a request's prompt tokens lead its new rows (a recomputed request: prompt, then output)
+            prompt_counts.append(sum(index < s.request.num_prompt_tokens for index in lay.cache_indices))
             if self.model.prompt_rows_dense:
                 prompt_rows += [index < s.request.num_prompt_tokens for index in lay.cache_indices]
             sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
@@ -274,7 +276,8 @@ class ModelRunner:
         cfg = self.model_config
         meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
                                    cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask,
-                                   row_exact=self.dtype == torch.float32)  # the C kernel (fp32 and int8)
+                                   row_exact=self.dtype == torch.float32,  # the C kernel (fp32 and int8)
+                                   prompt_rows=prompt_counts)
         inputs = StepInputs(
             input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(flat_pos, dtype=torch.long, device=dev),

@@ -42,9 +42,13 @@ def plan_attention(
     tree_mask: torch.Tensor | None = None,  # [sum of tree block sizes] bool
     cu_tree_mask: torch.Tensor | None = None,  # [batch + 1]
     row_exact: bool = False,
+    prompt_rows: list[int] | None = None,  # [batch]: leading new rows that are prompt tokens (the C kernel's)
 ):
     """The step's attention plan for the backend its tensors go to (shared by all layers)."""
     impl = _impl(block_tables, row_exact)
+    if impl is cpu:
+        return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
+                                   tree_mask, cu_tree_mask, prompt_rows)
     return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
                                tree_mask, cu_tree_mask)
 

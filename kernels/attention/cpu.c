@@ -23,6 +23,14 @@
  * 1006 -> 629, a 64-row prompt chunk 2422 -> 1616, a 256-row chunk over 300 keys 2864 -> 2105.
  * Every output has the bits it had.
  *
+ * Prompt rows (AVX-512 builds, head_dim % 64 == 0): a prompt token is never decoded, so its rows only
+ * need bits that no chunking or batch changes, and they take a path of their own (attend_prompt_rows):
+ * the keys transposed once per unit of 32 rows, then each score one FMA chain over the dimensions, 16
+ * keys per vector, no horizontal sums; values mixed six queries per load. A 256-row prompt chunk over
+ * 768 keys (9 heads, fp16 K/V, 2 threads on the Intel AVX-512 guest) 3256 -> 2128 us per layer,
+ * over 256 keys 693 -> 485; both halves then run near the FMA units' peak (perf: score_tile 30%,
+ * mix_values_wide 33%, the softmax's exp 12%).
+ *
  * K/V in fp16 (kv_half: half the bytes to read): each unit first converts the keys and values it
  * reads into fp32 scratch (exact), then runs the same fp32 code on them, so a row's bits are those
  * of the fp32 kernel over the fp16 values, whichever unit or batch it is in.
@@ -41,6 +49,7 @@
 #define PREFETCH_KEYS 32 /* keys ahead of the one scored: a DRAM round trip at a few ns per key */
 #define MIX_HEADS 3 /* heads whose value sums share a pass: 4 x 3 accumulators fill the 16 registers */
 #define ROW_BLOCK 16 /* new rows attended together: their keys are read once, scratch stays small */
+#define PROMPT_ROW_BLOCK 32 /* prompt rows per unit (attend_prompt_rows): ~100 queries share each transposed key */
 
 /* Ask for a key or value row (n floats, 16 per cache line) before it is needed. */
 static inline void prefetch_row(const float *row, int64_t n) {
@@ -194,8 +203,97 @@ static inline __attribute__((always_inline)) void mix_values_nh(const int NH, co
 }
 #endif
 
+#if defined(SIMD) && defined(__AVX512F__)
+#define WIDE 1
+#define WIDE_QUERIES 6 /* (row, head) queries per tile: 6 x 4 accumulators + 4 vectors fill the 32 registers */
+
+/* mix_values for up to WIDE_QUERIES (row, head) queries, 64 dims per pass in 16-lane vectors. Every
+ * lane adds the same terms in key order as mix_values_nh and the portable loop (one FMA per key per
+ * output element; the denominators summed in key order), so the bits are theirs: only fewer passes
+ * and more queries per value load. head_dim % 64 == 0. */
+static inline __attribute__((always_inline)) void mix_values_wide_nq(const int NQ, const float *const *p,
+        const float *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+    float sums[WIDE_QUERIES] = {0.0f};
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+        __m512 acc[WIDE_QUERIES][4];
+        for (int h = 0; h < NQ; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < n; ++k) {
+            if (k + PREFETCH_KEYS < n) prefetch_row(v_cache + (rows[k + PREFETCH_KEYS] + kv_head) * head_dim + d0, 64);
+            const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
+            __m512 vc[4];
+            for (int c = 0; c < 4; ++c) vc[c] = _mm512_loadu_ps(v + 16 * c);
+            for (int h = 0; h < NQ; ++h) {
+                __m512 w = _mm512_set1_ps(p[h][k]);
+                for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_fmadd_ps(w, vc[c], acc[h][c]);
+            }
+            if (d0 == 0)
+                for (int h = 0; h < NQ; ++h) sums[h] += p[h][k];
+        }
+        for (int h = 0; h < NQ; ++h)
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out[h] + d0 + 16 * c, acc[h][c]);
+    }
+    for (int h = 0; h < NQ; ++h) {
+        float inv = 1.0f / sums[h];
+        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
+    }
+}
+
+static void mix_values_wide(const float *const *p, int64_t nq, const float *v_cache, const int64_t *rows,
+                            int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+    switch (nq) { /* a compile-time count each: the accumulators stay in registers */
+    case 1: mix_values_wide_nq(1, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 2: mix_values_wide_nq(2, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 3: mix_values_wide_nq(3, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 4: mix_values_wide_nq(4, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 5: mix_values_wide_nq(5, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    default: mix_values_wide_nq(WIDE_QUERIES, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    }
+}
+
+/* Prompt rows' scores, 64 keys x up to WIDE_QUERIES queries per tile from keys transposed into
+ * kt[d * stride + k]: s = (sum_d q[d] k[d]) * scale as ONE FMA chain in dimension order per score,
+ * so a score's bits depend on its query and key alone, never on the tile, chunk or batch. */
+static inline __attribute__((always_inline)) void score_tile_nq(const int NQ, const float *const *qs, const float *kt,
+        int64_t stride, int64_t k0, int64_t head_dim, float scale, float *const *outs) {
+    __m512 acc[WIDE_QUERIES][4];
+    for (int q = 0; q < NQ; ++q)
+        for (int c = 0; c < 4; ++c) acc[q][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; ++d) {
+        const float *row = kt + d * stride + k0;
+        __m512 kc[4];
+        for (int c = 0; c < 4; ++c) kc[c] = _mm512_loadu_ps(row + 16 * c);
+        for (int q = 0; q < NQ; ++q) {
+            __m512 x = _mm512_set1_ps(qs[q][d]);
+            for (int c = 0; c < 4; ++c) acc[q][c] = _mm512_fmadd_ps(x, kc[c], acc[q][c]);
+        }
+    }
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int q = 0; q < NQ; ++q)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(outs[q] + k0 + 16 * c, _mm512_mul_ps(acc[q][c], sc));
+}
+
+static void score_tile(const float *const *qs, int64_t nq, const float *kt, int64_t stride, int64_t k0,
+                       int64_t head_dim, float scale, float *const *outs) {
+    switch (nq) {
+    case 1: score_tile_nq(1, qs, kt, stride, k0, head_dim, scale, outs); break;
+    case 2: score_tile_nq(2, qs, kt, stride, k0, head_dim, scale, outs); break;
+    case 3: score_tile_nq(3, qs, kt, stride, k0, head_dim, scale, outs); break;
+    case 4: score_tile_nq(4, qs, kt, stride, k0, head_dim, scale, outs); break;
+    case 5: score_tile_nq(5, qs, kt, stride, k0, head_dim, scale, outs); break;
+    default: score_tile_nq(WIDE_QUERIES, qs, kt, stride, k0, head_dim, scale, outs); break;
+    }
+}
+#endif
+
 static void mix_values(const float *const *p, int64_t nh, const float *v_cache, const int64_t *rows, int64_t kv_head,
                        int64_t head_dim, int64_t n, float *const *out) {
+#ifdef WIDE
+    if (head_dim % 64 == 0) {
+        mix_values_wide(p, nh, v_cache, rows, kv_head, head_dim, n, out);
+        return;
+    }
+#endif
 #ifdef SIMD
     if (head_dim % 32 == 0) {
         if (nh == 3) mix_values_nh(3, p, v_cache, rows, kv_head, head_dim, n, out);
@@ -245,6 +343,19 @@ static inline float exp_nonpositive(float x) {
     return p * two_to_whole;
 }
 
+/* A row's scores s[0..row_keys) -> exp(score - max); keys its tree row does not see (seen[n] == 0 for
+ * new key n) exactly 0. */
+static void softmax_numerators(float *s, int64_t row_keys, const uint8_t *seen, int64_t ctx, int64_t q_len) {
+    if (seen)
+        for (int64_t n = 0; n < q_len; ++n)
+            if (!seen[n]) s[ctx + n] = -INFINITY;
+    float max_score = max_of(s, row_keys);
+    for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
+    if (seen)
+        for (int64_t n = 0; n < q_len; ++n)
+            if (!seen[n]) s[ctx + n] = 0.0f;
+}
+
 /* One request, query heads g0..g1 of the group sharing KV head kv_head, new rows j0..j1. A causal row j sees keys
  * 0..ctx+j; a tree row sees the context and its ancestors-or-self (the others get weight exactly 0,
  * which adds nothing to any sum, so a tree node's bits equal those of its path decoded token by token).
@@ -284,17 +395,8 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
     for (int64_t j = j0; j < j1; ++j) {
         int64_t row_keys = tree ? kv_len : ctx + j + 1;
         const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
-        for (int64_t g = g0; g < g1; ++g) { /* scores -> exp(score - max), masked keys exactly 0 */
-            float *s = scores + (g * block + j - j0) * kv_len;
-            if (seen)
-                for (int64_t n = 0; n < q_len; ++n)
-                    if (!seen[n]) s[ctx + n] = -INFINITY;
-            float max_score = max_of(s, row_keys);
-            for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
-            if (seen)
-                for (int64_t n = 0; n < q_len; ++n)
-                    if (!seen[n]) s[ctx + n] = 0.0f;
-        }
+        for (int64_t g = g0; g < g1; ++g)
+            softmax_numerators(scores + (g * block + j - j0) * kv_len, row_keys, seen, ctx, q_len);
         for (int64_t g = g0; g < g1; g += MIX_HEADS) {
             int64_t nh = g1 - g < MIX_HEADS ? g1 - g : MIX_HEADS;
             const float *p[MIX_HEADS];
@@ -308,14 +410,51 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
     }
 }
 
-/* The step's work: units of (request, block of up to ROW_BLOCK rows, KV head, query heads of its
- * group), taken by the threads from a shared counter. A unit takes the whole group, so each key is read
- * once for all heads that share it, unless that leaves fewer units than threads to share them (a
- * decode step of one request): then a unit is one head. Units write disjoint (row, head) outputs, and
- * every (row, head) runs the same arithmetic whichever unit, thread or batch it lands in, so the
- * split changes no bits. */
+#ifdef WIDE
+
+/* Prompt rows j0..j1 of one request (causal, never a tree), query heads g0..g1 of KV head kv_head, a
+ * tile of up to WIDE_QUERIES (row, head) queries at a time: scores from the keys transposed into
+ * kt[d * stride + k] (score_tile), softmax, values mixed (mix_values_wide) while the tile's scores
+ * are still in cache. A prompt row's bits depend only on its query and the keys it sees, whatever
+ * chunk, unit or batch it is in; they are not a decode row's (another order of additions in the
+ * scores), but a prompt token is never decoded. scores: [WIDE_QUERIES, stride] scratch. */
+static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt, int64_t stride, const float *v_cache,
+                               const int64_t *rows, int64_t q0, int64_t ctx, int64_t j0, int64_t j1, int64_t kv_head,
+                               int64_t group, int64_t g0, int64_t g1, int64_t num_heads, int64_t head_dim, float scale,
+                               float *scores, float *out) {
+    int64_t heads = g1 - g0, num_queries = (j1 - j0) * heads;
+    for (int64_t t0 = 0; t0 < num_queries; t0 += WIDE_QUERIES) {
+        int64_t nq = num_queries - t0 < WIDE_QUERIES ? num_queries - t0 : WIDE_QUERIES, keys = 0;
+        const float *qs[WIDE_QUERIES];
+        float *ps[WIDE_QUERIES], *outs[WIDE_QUERIES];
+        int64_t row_keys[WIDE_QUERIES];
+        for (int64_t u = 0; u < nq; ++u) {
+            int64_t j = j0 + (t0 + u) / heads, g = g0 + (t0 + u) % heads;
+            qs[u] = q + (q0 + j) * q_stride + (kv_head * group + g) * head_dim;
+            ps[u] = scores + u * stride;
+            outs[u] = out + ((q0 + j) * num_heads + kv_head * group + g) * head_dim;
+            row_keys[u] = ctx + j + 1;
+            keys = row_keys[u] > keys ? row_keys[u] : keys;
+        }
+        for (int64_t k0 = 0; k0 < keys; k0 += 64) score_tile(qs, nq, kt, stride, k0, head_dim, scale, ps);
+        for (int64_t u = 0; u < nq; ++u) {
+            softmax_numerators(ps[u], row_keys[u], NULL, ctx, 0);
+            for (int64_t k = row_keys[u]; k < keys; ++k) ps[u][k] = 0.0f; /* past its row: adds nothing */
+        }
+        mix_values_wide((const float *const *)ps, nq, v_cache, rows, kv_head, head_dim, keys, outs);
+    }
+}
+#endif
+
+/* The step's work: units of (request, block of rows, KV head, query heads of its group), taken by the
+ * threads from a shared counter. A request's prompt rows (where this build has attend_prompt_rows)
+ * come in blocks of PROMPT_ROW_BLOCK, its other rows in blocks of ROW_BLOCK. A unit takes the whole
+ * group, so each key is read once for all heads that share it, unless that leaves fewer units than
+ * threads to share them (a decode step of one request): then a unit is one head. Units write disjoint
+ * (row, head) outputs, and every (row, head) runs the same arithmetic whichever unit, thread or batch
+ * it lands in, so the split changes no bits. */
 struct unit {
-    int64_t r, j0, kv_head, g0, g1;
+    int64_t r, j0, j1, kv_head, g0, g1, prompt;
 };
 
 struct step {
@@ -328,83 +467,147 @@ struct step {
     const int64_t *cu_tree_mask;
     float scale, *out;
     const struct unit *units;
-    int64_t num_units, next_unit; /* next_unit: atomic */
+    int64_t num_units, next_unit, has_prompt_units; /* next_unit: atomic */
     int failed;
 };
 
-/* fp16 K/V: the keys and values 0..last-1 of one KV head, converted into [last, head_dim] fp32
- * scratch; rows becomes the offsets that address them there as attend_rows does the cache. */
-static void keys_to_scratch(const struct step *st, const int64_t *key_rows, int64_t kv_head, int64_t last,
-                            float *k_buf, float *v_buf, int64_t *rows) {
-    const uint16_t *k_cache = st->k_cache, *v_cache = st->v_cache;
-    int64_t d = st->head_dim;
+/* Rows 0..last-1 of one KV head of an fp16 cache, converted into [last, head_dim] fp32 scratch; rows
+ * becomes the offsets that address them there as attend_rows does the cache. */
+static void cache_to_scratch(const uint16_t *cache, const int64_t *key_rows, int64_t kv_head, int64_t last,
+                             int64_t d, float *buf, int64_t *rows) {
     for (int64_t k = 0; k < last; ++k) {
-        if (k + PREFETCH_KEYS < last) { /* 64 halves: one cache line per row */
-            __builtin_prefetch(k_cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
-            __builtin_prefetch(v_cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
-        }
-        half_to_floats(k_cache + (key_rows[k] + kv_head) * d, k_buf + k * d, d);
-        half_to_floats(v_cache + (key_rows[k] + kv_head) * d, v_buf + k * d, d);
+        if (k + PREFETCH_KEYS < last) /* 64 halves: one cache line per row */
+            __builtin_prefetch(cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
+        half_to_floats(cache + (key_rows[k] + kv_head) * d, buf + k * d, d);
         rows[k] = k - kv_head;
     }
 }
 
+#ifdef WIDE
+/* Keys 0..last-1 of one KV head (fp32 or fp16 cache), transposed into kt[d * stride + k], zero from
+ * last to stride (a multiple of 16): 16 keys go through a [16, head_dim] tile, each dimension gathered
+ * from it as one vector. */
+static void keys_transposed(const struct step *st, const int64_t *key_rows, int64_t kv_head, int64_t last,
+                            int64_t stride, float *kt, float *tile) {
+    int64_t d = st->head_dim;
+    __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int)d));
+    for (int64_t k0 = 0; k0 < stride; k0 += 16) {
+        for (int64_t i = 0; i < 16; ++i) {
+            int64_t k = k0 + i;
+            if (k >= last) {
+                memset(tile + i * d, 0, d * sizeof(float));
+                continue;
+            }
+            int64_t at = (key_rows[k] + kv_head) * d;
+            if (k + PREFETCH_KEYS < last) {
+                int64_t ahead = (key_rows[k + PREFETCH_KEYS] + kv_head) * d;
+                if (st->kv_half) __builtin_prefetch((const uint16_t *)st->k_cache + ahead, 0, 3);
+                else prefetch_row((const float *)st->k_cache + ahead, d);
+            }
+            if (st->kv_half) half_to_floats((const uint16_t *)st->k_cache + at, tile + i * d, d);
+            else memcpy(tile + i * d, (const float *)st->k_cache + at, d * sizeof(float));
+        }
+        for (int64_t c = 0; c < d; ++c) _mm512_storeu_ps(kt + c * stride + k0, _mm512_i32gather_ps(across, tile + c, 4));
+    }
+}
+#endif
+
 static void *run_units(void *arg) {
     struct step *st = arg;
+    int64_t d = st->head_dim, wide_stride = (st->max_kv_len + 63) / 64 * 64;
     float *scores = malloc(st->max_scores * sizeof(float));
-    float *k_buf = NULL, *v_buf = NULL;
+    float *k_buf = NULL, *v_buf = NULL, *kt = NULL, *tile = NULL;
     int64_t *scratch_rows = NULL;
+    int missing = !scores;
     if (st->kv_half) {
-        k_buf = malloc(st->max_kv_len * st->head_dim * sizeof(float));
-        v_buf = malloc(st->max_kv_len * st->head_dim * sizeof(float));
+        k_buf = malloc(st->max_kv_len * d * sizeof(float));
+        v_buf = malloc(st->max_kv_len * d * sizeof(float));
         scratch_rows = malloc(st->max_kv_len * sizeof(int64_t));
+        missing |= !k_buf || !v_buf || !scratch_rows;
     }
-    if (!scores || (st->kv_half && (!k_buf || !v_buf || !scratch_rows))) {
-        __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
-        free(scores), free(k_buf), free(v_buf), free(scratch_rows);
-        return NULL;
+    if (st->has_prompt_units) {
+        kt = malloc(d * wide_stride * sizeof(float));
+        tile = malloc(16 * d * sizeof(float));
+        missing |= !kt || !tile;
     }
-    for (;;) {
+    for (; !missing;) {
         int64_t unit = __atomic_fetch_add(&st->next_unit, 1, __ATOMIC_RELAXED);
         if (unit >= st->num_units) break;
         const struct unit *u = &st->units[unit];
         int64_t b = st->req_ids[u->r], q0 = st->cu_q[b], q_len = st->cu_q[b + 1] - q0, kv_len = st->kv_lens[b];
         const uint8_t *tree = NULL;
         if (st->tree_mask && st->cu_tree_mask[b + 1] > st->cu_tree_mask[b]) tree = st->tree_mask + st->cu_tree_mask[b];
-        int64_t j1 = u->j0 + ROW_BLOCK < q_len ? u->j0 + ROW_BLOCK : q_len;
         const float *k_cache = st->k_cache, *v_cache = st->v_cache;
         const int64_t *rows = st->key_rows + st->key_offsets[u->r];
-        if (st->kv_half) { /* the keys this unit's rows see (attend_rows' last_key) */
-            keys_to_scratch(st, rows, u->kv_head, tree ? kv_len : kv_len - q_len + j1, k_buf, v_buf, scratch_rows);
+        int64_t last = tree ? kv_len : kv_len - q_len + u->j1; /* the keys this unit's rows see */
+#ifdef WIDE
+        if (u->prompt) {
+            int64_t stride = (last + 63) / 64 * 64;
+            keys_transposed(st, rows, u->kv_head, last, stride, kt, tile);
+            if (st->kv_half) {
+                cache_to_scratch(st->v_cache, rows, u->kv_head, last, d, v_buf, scratch_rows);
+                v_cache = v_buf, rows = scratch_rows;
+            }
+            attend_prompt_rows(st->q, st->q_stride, kt, stride, v_cache, rows, q0, kv_len - q_len, u->j0, u->j1,
+                               u->kv_head, st->group, u->g0, u->g1, st->num_heads, d, st->scale, scores, st->out);
+            continue;
+        }
+#endif
+        if (st->kv_half) {
+            cache_to_scratch(st->k_cache, rows, u->kv_head, last, d, k_buf, scratch_rows);
+            cache_to_scratch(st->v_cache, rows, u->kv_head, last, d, v_buf, scratch_rows);
             k_cache = k_buf, v_cache = v_buf, rows = scratch_rows;
         }
-        attend_rows(st->q, st->q_stride, k_cache, v_cache, rows, q0, q_len, u->j0, j1, kv_len, u->kv_head,
-                    st->group, u->g0, u->g1, st->num_heads, st->head_dim, st->scale, tree, scores, st->out);
+        attend_rows(st->q, st->q_stride, k_cache, v_cache, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
+                    st->group, u->g0, u->g1, st->num_heads, d, st->scale, tree, scores, st->out);
     }
-    free(scores), free(k_buf), free(v_buf), free(scratch_rows);
+    if (missing) __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
+    free(scores), free(k_buf), free(v_buf), free(scratch_rows), free(kt), free(tile);
     return NULL;
+}
+
+/* Leading rows of request b's new rows that take attend_prompt_rows: its prompt tokens (prompt_rows[b],
+ * when given) where this build has that path and the head size suits it; none in a tree. */
+static int64_t prompt_rows_of(const int32_t *prompt_rows, const uint8_t *tree_mask, const int64_t *cu_tree_mask,
+                              int64_t b, int64_t q_len, int64_t head_dim) {
+#ifdef WIDE
+    int has_tree = tree_mask && cu_tree_mask[b + 1] > cu_tree_mask[b];
+    if (prompt_rows && head_dim % 64 == 0 && !has_tree) return prompt_rows[b] < q_len ? prompt_rows[b] : q_len;
+#else
+    (void)prompt_rows, (void)tree_mask, (void)cu_tree_mask, (void)b, (void)q_len, (void)head_dim;
+#endif
+    return 0;
 }
 
 /* Attention of the requests req_ids[0..num_reqs) (each with q_len >= 1); writes their rows of out
  * (packed [rows, num_heads, head_dim]). q's rows are q_stride floats apart, heads packed in a row.
- * The caches hold fp32, or fp16 when kv_half. Up to num_threads threads (this one included) share
- * the work when there is enough of it. Returns 0, or -1 when memory or a thread could not be had
- * or fp16 is asked of a build without it. */
+ * The caches hold fp32, or fp16 when kv_half. prompt_rows (or NULL): per request, how many of its
+ * leading new rows are prompt tokens. Up to num_threads threads (this one included) share the work
+ * when there is enough of it. Returns 0, or -1 when memory or a thread could not be had or fp16 is
+ * asked of a build without it. */
 int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                          const int32_t *cu_q, const int32_t *kv_lens, const int32_t *block_tables, int64_t max_blocks,
                          const int64_t *req_ids, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t block_size, float scale, const uint8_t *tree_mask,
-                         const int64_t *cu_tree_mask, float *out, int64_t num_threads, int64_t kv_half) {
+                         const int64_t *cu_tree_mask, const int32_t *prompt_rows, float *out, int64_t num_threads,
+                         int64_t kv_half) {
     if (kv_half && !KV_HALF_SUPPORTED) return -1;
     int64_t group = num_heads / num_kv_heads, max_scores = 1, total_keys = 0, work = 0, row_blocks = 0, max_kv = 1;
+    int64_t has_prompt_units = 0;
     for (int64_t r = 0; r < num_reqs; ++r) {
         int64_t b = req_ids[r], rows = cu_q[b + 1] - cu_q[b];
-        int64_t size = group * (rows < ROW_BLOCK ? rows : ROW_BLOCK) * kv_lens[b];
+        int64_t prompt = prompt_rows_of(prompt_rows, tree_mask, cu_tree_mask, b, rows, head_dim), others = rows - prompt;
+        int64_t size = group * (others < ROW_BLOCK ? others : ROW_BLOCK) * kv_lens[b];
         max_scores = size > max_scores ? size : max_scores;
+        size = 6 * ((kv_lens[b] + 63) / 64 * 64); /* attend_prompt_rows: WIDE_QUERIES rows of scores */
+        max_scores = prompt && size > max_scores ? size : max_scores;
+        row_blocks += (prompt + PROMPT_ROW_BLOCK - 1) / PROMPT_ROW_BLOCK;
+        has_prompt_units |= prompt > 0;
         max_kv = kv_lens[b] > max_kv ? kv_lens[b] : max_kv;
         total_keys += kv_lens[b];
         work += rows * kv_lens[b];
-        row_blocks += (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        row_blocks += (others + ROW_BLOCK - 1) / ROW_BLOCK;
     }
     /* Splitting costs waking torch's OpenMP threads (a new pthread without OpenMP: ~10-20 us on the AMD
      * dev CPU, ~40-60 on an Intel KVM guest): worth it from about one decode row over a few hundred keys. */
@@ -420,11 +623,18 @@ int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, 
         free(units);
         return -1;
     }
-    for (int64_t r = 0, n = 0; r < num_reqs; ++r)
-        for (int64_t j0 = 0; j0 < cu_q[req_ids[r] + 1] - cu_q[req_ids[r]]; j0 += ROW_BLOCK)
+    for (int64_t r = 0, n = 0; r < num_reqs; ++r) {
+        int64_t q_len = cu_q[req_ids[r] + 1] - cu_q[req_ids[r]];
+        int64_t prompt = prompt_rows_of(prompt_rows, tree_mask, cu_tree_mask, req_ids[r], q_len, head_dim);
+        for (int64_t j0 = 0; j0 < q_len;) {
+            int64_t in_prompt = j0 < prompt, j1 = j0 + (in_prompt ? PROMPT_ROW_BLOCK : ROW_BLOCK);
+            j1 = in_prompt ? (j1 < prompt ? j1 : prompt) : (j1 < q_len ? j1 : q_len);
             for (int64_t h = 0; h < num_kv_heads; ++h)
                 for (int64_t g = 0; g < split; ++g, ++n)
-                    units[n] = (struct unit){r, j0, h, split == 1 ? 0 : g, split == 1 ? group : g + 1};
+                    units[n] = (struct unit){r, j0, j1, h, split == 1 ? 0 : g, split == 1 ? group : g + 1, in_prompt};
+            j0 = j1;
+        }
+    }
     for (int64_t r = 0, offset = 0; r < num_reqs; ++r) {
         int64_t b = req_ids[r];
         const int32_t *table = block_tables + b * max_blocks;
@@ -435,7 +645,7 @@ int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, 
     }
     struct step st = {q, k_cache, v_cache, q_stride, num_heads, num_kv_heads, head_dim, group, max_scores, max_kv,
                       kv_half, cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
-                      units, num_units, 0, 0};
+                      units, num_units, 0, has_prompt_units, 0};
     int64_t helpers = threads_wanted - 1 < num_units - 1 ? threads_wanted - 1 : num_units - 1;
     helpers = helpers < MAX_THREADS ? helpers : MAX_THREADS;
 #ifdef _OPENMP

@@ -1,9 +1,10 @@
 """CPU attention through `cpu.c`: one C call per layer for every request of the step.
 
 `cpu.c` computes every (row, head) over exactly the keys it sees, in cache order, so a token's
-attention output has the same bits as a decode row, as a verified draft row, in a prompt chunk of
-any size, alone or in any batch. With int8 (whose activation rounding turns a last-bit difference
-into a visible one) that is what keeps speculation and batching lossless; the torch reference's
+attention output has the same bits as a decode row, as a verified draft row, alone or in any batch,
+and a prompt token's (the plan's prompt_rows) the same bits in a prompt chunk of any size. With int8
+(whose activation rounding turns a last-bit difference into a visible one) that is what keeps
+speculation and batching lossless; the torch reference's
 SDPA cannot promise it, as its matmuls pick kernels by row count.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from kernels.rope.cpu import kv_half_supported  # the same kernels/half.h, built
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
     ("paged_attention_rows",
-     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, F32P, I64, I64),
+     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, I32P, F32P, I64,
+      I64),
      ctypes.c_int),
 )
 
@@ -40,10 +42,14 @@ class CpuPlan:
     block_tables: torch.Tensor  # [batch, max_blocks] int32 contiguous
     tree_mask: torch.Tensor | None  # uint8 view of the flat bool tree masks
     cu_tree_mask: torch.Tensor | None  # [batch + 1] int64
+    prompt_rows: torch.Tensor | None = None  # [batch] int32: leading new rows that are prompt tokens
 
 
 def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv, tree_mask=None,
-                   cu_tree_mask=None) -> CpuPlan:
+                   cu_tree_mask=None, prompt_rows=None) -> CpuPlan:
+    """prompt_rows ([batch] ints, or None): how many of each request's leading new rows are prompt
+    tokens. cpu.c gives those rows their own faster arithmetic where it can (AVX-512): a prompt row's
+    bits then differ from a decoded token's, but never depend on the chunk or batch it came in."""
     cu_q, kv = cu_seqlens_q.tolist(), kv_lens.tolist()
     cu_tree = cu_tree_mask.tolist() if cu_tree_mask is not None else None
     req_ids = []
@@ -60,8 +66,10 @@ def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_
     if tree_mask is not None:
         trees = tree_mask.to(torch.bool).contiguous().view(torch.uint8)
         cu_trees = cu_tree_mask.to(torch.int64).contiguous()
+    prompts = None if prompt_rows is None else torch.as_tensor(prompt_rows, dtype=torch.int32).contiguous()
     return CpuPlan(torch.tensor(req_ids, dtype=torch.int64), cu_seqlens_q.to(torch.int32).contiguous(),
-                   kv_lens.to(torch.int32).contiguous(), block_tables.to(torch.int32).contiguous(), trees, cu_trees)
+                   kv_lens.to(torch.int32).contiguous(), block_tables.to(torch.int32).contiguous(), trees, cu_trees,
+                   prompts)
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask=None,
@@ -90,7 +98,8 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
         plan.kv_lens.data_ptr(), plan.block_tables.data_ptr(), plan.block_tables.shape[1],
         plan.req_ids.data_ptr(), plan.req_ids.numel(), q.shape[1], num_kv_heads, head_dim, block_size,
         scale, None if plan.tree_mask is None else plan.tree_mask.data_ptr(),
-        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(),
+        None if plan.prompt_rows is None else plan.prompt_rows.data_ptr(), out.data_ptr(), torch.get_num_threads(),
         kv_half)
     if status != 0:
         raise MemoryError("C attention could not allocate its buffers (or an fp16 cache without F16C)")

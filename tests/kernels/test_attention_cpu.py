@@ -14,11 +14,15 @@ from tests.kernels.paged import make_batch
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 
 SHAPES = [(1, 1, 64), (3, 3, 64), (2, 4, 128), (1, 3, 16)]  # (num_kv_heads, group, head_dim)
-CASES = {
-    "decode_boundaries": ([1, 1, 1, 1, 1], [15, 16, 17, 32, 33], ()),
-    "verify_chains_and_trees": ([9, 1, 16, 4], [30, 2, 70, 4], (0, 3)),
-    "mixed_with_prefill": ([0, 1, 5, 40, 1, 17, 3], [10, 15, 16, 40, 33, 49, 3], (2, 3)),
-    "long_prefill_chunk": ([70, 1], [130, 300], ()),
+CASES = {  # q_lens, kv_lens, requests with a tree, leading prompt rows per request (None: none)
+    "decode_boundaries": ([1, 1, 1, 1, 1], [15, 16, 17, 32, 33], (), None),
+    "verify_chains_and_trees": ([9, 1, 16, 4], [30, 2, 70, 4], (0, 3), None),
+    "mixed_with_prefill": ([0, 1, 5, 40, 1, 17, 3], [10, 15, 16, 40, 33, 49, 3], (2, 3), None),
+    "long_prefill_chunk": ([70, 1], [130, 300], (), None),
+    # prompt rows (their own arithmetic where cpu.c has it): a tree's are ignored, a recomputed
+    # request's prompt rows come before its output rows
+    "prompt_rows_mixed": ([0, 1, 5, 40, 1, 17, 3], [10, 15, 16, 40, 33, 49, 3], (2, 3), [0, 0, 0, 40, 1, 10, 3]),
+    "prompt_chunks": ([200, 33, 1], [460, 33, 90], (), [200, 33, 1]),
 }
 
 
@@ -34,10 +38,10 @@ def auto_backend():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kv{s[0]}-g{s[1]}-d{s[2]}")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case, shape):
-    q_lens, kv_lens, tree_ids = CASES[case]
+    q_lens, kv_lens, tree_ids, prompt_rows = CASES[case]
     b = make_batch(q_lens, kv_lens, shape[0], shape[1], shape[2], tree_ids=tree_ids, seed=len(case))
     plan = attention.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, b.k_cache.shape[1], shape[1],
-                                    b.tree_mask, b.cu_tree_mask, row_exact=True)
+                                    b.tree_mask, b.cu_tree_mask, row_exact=True, prompt_rows=prompt_rows)
     assert isinstance(plan, cpu.CpuPlan)
     out = torch.full_like(b.q, float("nan"))
     attention.paged_attention(*b.args(), out=out, plan=plan)
@@ -76,19 +80,54 @@ def test_a_row_has_the_bits_of_the_same_token_decoded(q_len):
             assert torch.equal(decode[row], verify[start + j]), f"row {j} (neighbours: {neighbours})"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_prompt_row_has_its_bits_in_any_chunk_and_batch(head_dim):
+    """Prompt rows (their own arithmetic where cpu.c has AVX-512) depend only on their query and the
+    keys they see: a 150-token prompt in one chunk or in chunks of 1, 7, 32, 33 and 77 rows, alone
+    or between other requests' decode and prompt rows, gives every row the same bits."""
+    n = 150
+    b = make_batch([n], [n], 3, 3, head_dim, seed=13)
+    table = b.block_tables[0:1]
+    whole = cpu.paged_attention(*b.args(), plan=cpu.plan_attention(b.cu_seqlens_q, b.kv_lens, table, 16, 3,
+                                                                    prompt_rows=[n]))
+    other = make_batch([1, 40], [60, 40], 3, 3, head_dim, seed=14)
+    for chunk in (1, 7, 32, 33, 77):
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            q, cu = b.q[start:stop], torch.tensor([0, stop - start], dtype=torch.int32)
+            lens, tables, prompts, rows = torch.tensor([stop], dtype=torch.int32), table, [stop - start], slice(None)
+            if chunk == 33:  # between a decode row and another prompt's chunk, in one cache
+                k_cache, v_cache = torch.cat([b.k_cache, other.k_cache]), torch.cat([b.v_cache, other.v_cache])
+                other_tables = torch.where(other.block_tables >= 0, other.block_tables + b.k_cache.shape[0], -1)
+                width = max(table.shape[1], other_tables.shape[1])
+                pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+                tables = torch.cat([pad(other_tables[:1]), pad(table), pad(other_tables[1:])]).contiguous()
+                q = torch.cat([other.q[:1], q, other.q[1:]])
+                cu = torch.tensor([0, 1, 1 + stop - start, 41 + stop - start], dtype=torch.int32)
+                lens = torch.tensor([60, stop, 40], dtype=torch.int32)
+                prompts, rows = [0, stop - start, 40], slice(1, 1 + stop - start)
+            else:
+                k_cache, v_cache = b.k_cache, b.v_cache
+            plan = cpu.plan_attention(cu, lens, tables, 16, 3, prompt_rows=prompts)
+            got = cpu.paged_attention(q, k_cache, v_cache, cu, lens, tables, b.scale, plan=plan)
+            assert torch.equal(got[rows], whole[start:stop]), f"chunk {chunk}, rows {start}-{stop}"
+
+
 @pytest.mark.skipif(not cpu.kv_half_supported(), reason="no F16C: fp16 caches take the reference")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fp16_caches_give_the_bits_of_their_fp32_values(case):
     """An fp16 K/V cache is read as its exact fp32 values: the same bits as the fp32 kernel on
     cache.float(), and the reference (which converts too) agrees."""
-    q_lens, kv_lens, tree_ids = CASES[case]
+    q_lens, kv_lens, tree_ids, prompt_rows = CASES[case]
     b = make_batch(q_lens, kv_lens, 3, 3, 64, tree_ids=tree_ids, seed=21)
+    plan = cpu.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3, b.tree_mask, b.cu_tree_mask,
+                              prompt_rows)
     half = [c.to(torch.float16) for c in (b.k_cache, b.v_cache)]
     args = list(b.args())
     args[1], args[2] = half
-    got = cpu.paged_attention(*args)
+    got = cpu.paged_attention(*args, plan=plan)
     args[1], args[2] = (c.float() for c in half)
-    assert torch.equal(got, cpu.paged_attention(*args))
+    assert torch.equal(got, cpu.paged_attention(*args, plan=plan))
     args[1], args[2] = half
     torch.testing.assert_close(got, ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
 
