@@ -56,6 +56,11 @@ static inline void prefetch_row(const float *row, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i, 0, 3);
 }
 
+/* The same for a row of n fp16 values (32 per cache line). */
+static inline void prefetch_half_row(const uint16_t *row, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) __builtin_prefetch(row + i, 0, 3);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD 1
@@ -476,8 +481,8 @@ struct step {
 static void cache_to_scratch(const uint16_t *cache, const int64_t *key_rows, int64_t kv_head, int64_t last,
                              int64_t d, float *buf, int64_t *rows) {
     for (int64_t k = 0; k < last; ++k) {
-        if (k + PREFETCH_KEYS < last) /* 64 halves: one cache line per row */
-            __builtin_prefetch(cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, 0, 3);
+        if (k + PREFETCH_KEYS < last) /* a row of 64 halves spans two cache lines: ask for each */
+            prefetch_half_row(cache + (key_rows[k + PREFETCH_KEYS] + kv_head) * d, d);
         half_to_floats(cache + (key_rows[k] + kv_head) * d, buf + k * d, d);
         rows[k] = k - kv_head;
     }
@@ -502,7 +507,7 @@ static void keys_transposed(const struct step *st, const int64_t *key_rows, int6
             int64_t at = (key_rows[k] + kv_head) * d;
             if (k + PREFETCH_KEYS < last) {
                 int64_t ahead = (key_rows[k + PREFETCH_KEYS] + kv_head) * d;
-                if (st->kv_half) __builtin_prefetch((const uint16_t *)st->k_cache + ahead, 0, 3);
+                if (st->kv_half) prefetch_half_row((const uint16_t *)st->k_cache + ahead, d);
                 else prefetch_row((const float *)st->k_cache + ahead, d);
             }
             if (st->kv_half) half_to_floats((const uint16_t *)st->k_cache + at, tile + i * d, d);
