@@ -31,9 +31,12 @@
  * over 256 keys 693 -> 485; both halves then run near the FMA units' peak (perf: score_tile 30%,
  * mix_values_wide 33%, the softmax's exp 12%).
  *
- * K/V in fp16 (kv_half: half the bytes to read): each unit first converts the keys and values it
- * reads into fp32 scratch (exact), then runs the same fp32 code on them, so a row's bits are those
- * of the fp32 kernel over the fp16 values, whichever unit or batch it is in.
+ * K/V in fp16 (kv_half: half the bytes to read): SIMD builds with F16C read them in place, each
+ * chunk converted (exactly) in the register where the fp32 code loads it (HALF: every inner function
+ * is built for both), so a row's bits are those of the fp32 kernel over the fp16 values, whichever
+ * unit or batch it is in. Other builds first convert the keys and values a unit reads into fp32
+ * scratch. In place against scratch, 16 decoding requests at 400 keys, 30 layers' caches: 483 -> 320
+ * us per layer; one request 33 -> 24 (the scratch pass waited on memory, then wrote and reread it).
  */
 #include <math.h>
 #include <pthread.h>
@@ -61,9 +64,30 @@ static inline void prefetch_half_row(const uint16_t *row, int64_t n) {
     for (int64_t i = 0; i < n; i += 32) __builtin_prefetch(row + i, 0, 3);
 }
 
+/* Where row r (in units of head_dim) of a cache starts. */
+static inline const void *cache_row(const int HALF, const void *cache, int64_t r, int64_t head_dim) {
+    return HALF ? (const void *)((const uint16_t *)cache + r * head_dim) : (const void *)((const float *)cache + r * head_dim);
+}
+
+/* Ask for a row of n elements (fp32 or fp16) before it is needed. */
+static inline void prefetch_elems(const int HALF, const void *row, int64_t n) {
+    if (HALF) prefetch_half_row(row, n);
+    else prefetch_row(row, n);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD 1
+#define HALF_IN_PLACE KV_HALF_SUPPORTED /* fp16 K/V read in place where head_dim % 32 == 0 */
+
+/* Element i of a key or value row: fp32, or fp16 converted (exactly) in the register (HALF, known at
+ * compile time: each caller is built twice), so an fp16 cache is read in place, at half the bytes. */
+static inline __attribute__((always_inline)) __m256 load8(const int HALF, const void *row, int64_t i) {
+#ifdef __F16C__
+    if (HALF) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+#endif
+    return _mm256_loadu_ps((const float *)row + i);
+}
 
 /* The 8-lane sums of four vectors, lane t of the result for vector t, each added in one fixed order:
  * (l0 + l4) + (l2 + l6) and (l1 + l5) + (l3 + l7), then those two. A 4x4 transpose lets the last two
@@ -79,27 +103,28 @@ static inline __m128 hsum8x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 
 /* q . key for four keys, each accumulated lane-wise in dimension order and summed by hsum8x4: the same
  * arithmetic for a key whichever slot of the four it takes, four chains in flight. n % 8 == 0. */
-static inline __m128 dot4(const float *q, const float *const *keys, int64_t n) {
+static inline __attribute__((always_inline)) __m128 dot4(const int HALF, const float *q, const void *const *keys,
+                                                           int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < n; i += LANES) {
         __m256 x = _mm256_loadu_ps(q + i);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[0] + i), a0);
-        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[1] + i), a1);
-        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[2] + i), a2);
-        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[3] + i), a3);
+        a0 = _mm256_fmadd_ps(x, load8(HALF, keys[0], i), a0);
+        a1 = _mm256_fmadd_ps(x, load8(HALF, keys[1], i), a1);
+        a2 = _mm256_fmadd_ps(x, load8(HALF, keys[2], i), a2);
+        a3 = _mm256_fmadd_ps(x, load8(HALF, keys[3], i), a3);
     }
     return hsum8x4(a0, a1, a2, a3);
 }
 
 /* dot4 for two queries at once: each key chunk is loaded once for both, eight chains in flight.
  * Each query's sums are dot4's, term for term. */
-static inline void dot4x2(const float *qa, const float *qb, const float *const *keys, int64_t n, __m128 *ra,
-                          __m128 *rb) {
-    const float *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
+static inline __attribute__((always_inline)) void dot4x2(const int HALF, const float *qa, const float *qb,
+                                                         const void *const *keys, int64_t n, __m128 *ra, __m128 *rb) {
+    const void *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int64_t i = 0; i < n; i += LANES) {
-        __m256 y0 = _mm256_loadu_ps(k0 + i), y1 = _mm256_loadu_ps(k1 + i);
-        __m256 y2 = _mm256_loadu_ps(k2 + i), y3 = _mm256_loadu_ps(k3 + i);
+        __m256 y0 = load8(HALF, k0, i), y1 = load8(HALF, k1, i);
+        __m256 y2 = load8(HALF, k2, i), y3 = load8(HALF, k3, i);
         __m256 x = _mm256_loadu_ps(qa + i);
         a0 = _mm256_fmadd_ps(x, y0, a0), a1 = _mm256_fmadd_ps(x, y1, a1);
         a2 = _mm256_fmadd_ps(x, y2, a2), a3 = _mm256_fmadd_ps(x, y3, a3);
@@ -113,6 +138,10 @@ static inline void dot4x2(const float *qa, const float *qb, const float *const *
 
 #endif
 
+#ifndef HALF_IN_PLACE
+#define HALF_IN_PLACE 0
+#endif
+
 /* Portable versions (any head_dim; bits differ from the SIMD ones, but one build uses one of them). */
 static inline float dot(const float *a, const float *b, int64_t n) {
     float acc[LANES] = {0};
@@ -124,10 +153,13 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-static inline void scores4(const float *q, const float *const *keys, int64_t n, float *out) {
+/* HALF (fp16 keys read in place) only where SIMD and n % LANES == 0 (the caller's rule). */
+static inline __attribute__((always_inline)) void scores4(const int HALF, const float *q, const void *const *keys,
+                                                          int64_t n, float *out) {
+    (void)HALF;
 #ifdef SIMD
     if (n % LANES == 0) {
-        _mm_storeu_ps(out, dot4(q, keys, n));
+        _mm_storeu_ps(out, dot4(HALF, q, keys, n));
         return;
     }
 #endif
@@ -149,13 +181,13 @@ static inline void store_scores(const float *s4, float scale, int64_t count, flo
     for (int i = 0; i < count; ++i) out[i] = s4[i] * scale;
 }
 
-static inline void score_queries(const float *qa, const float *qb, const float *const *keys, int64_t n, float scale,
-                                 int64_t count, float *out_a, float *out_b) {
+static inline __attribute__((always_inline)) void score_queries(const int HALF, const float *qa, const float *qb,
+        const void *const *keys, int64_t n, float scale, int64_t count, float *out_a, float *out_b) {
     float sa[4], sb[4];
 #ifdef SIMD
     if (qb && n % LANES == 0) {
         __m128 ra, rb;
-        dot4x2(qa, qb, keys, n, &ra, &rb);
+        dot4x2(HALF, qa, qb, keys, n, &ra, &rb);
         _mm_storeu_ps(sa, ra);
         _mm_storeu_ps(sb, rb);
         store_scores(sa, scale, count, out_a);
@@ -163,10 +195,10 @@ static inline void score_queries(const float *qa, const float *qb, const float *
         return;
     }
 #endif
-    scores4(qa, keys, n, sa);
+    scores4(HALF, qa, keys, n, sa);
     store_scores(sa, scale, count, out_a);
     if (qb) {
-        scores4(qb, keys, n, sb);
+        scores4(HALF, qb, keys, n, sb);
         store_scores(sb, scale, count, out_b);
     }
 }
@@ -177,22 +209,23 @@ static inline void score_queries(const float *qa, const float *qb, const float *
  * and a plain loop would (a weight of exactly 0, a masked key, adds nothing), so the bits are theirs;
  * what changes is that 4 * NH independent FMA chains are in flight instead of 8 in turn per head,
  * and each value row is loaded once for the heads sharing it. head_dim % 32 == 0. */
-static inline __attribute__((always_inline)) void mix_values_nh(const int NH, const float *const *p,
-        const float *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+static inline __attribute__((always_inline)) void mix_values_nh(const int HALF, const int NH, const float *const *p,
+        const void *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
     float sums[MIX_HEADS] = {0.0f};
     for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
         __m256 acc[MIX_HEADS][4];
         for (int h = 0; h < NH; ++h)
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_setzero_ps();
         for (int64_t k = 0; k < n; ++k) {
-            if (k + PREFETCH_KEYS < n) prefetch_row(v_cache + (rows[k + PREFETCH_KEYS] + kv_head) * head_dim + d0, 32);
-            const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
+            if (k + PREFETCH_KEYS < n)
+                prefetch_elems(HALF, cache_row(HALF, v_cache, rows[k + PREFETCH_KEYS] + kv_head, head_dim), head_dim);
+            const void *v = cache_row(HALF, v_cache, rows[k] + kv_head, head_dim);
             __m256 w[MIX_HEADS];
             for (int h = 0; h < NH; ++h) w[h] = _mm256_broadcast_ss(p[h] + k);
             /* 4 * NH accumulators, NH weights and one value chunk fill the 16 registers; holding
              * all four chunks spilled an accumulator to the stack (6 verify rows: 1.7x slower) */
             for (int c = 0; c < 4; ++c) {
-                __m256 vc = _mm256_loadu_ps(v + 8 * c);
+                __m256 vc = load8(HALF, v, d0 + 8 * c);
                 for (int h = 0; h < NH; ++h) acc[h][c] = _mm256_fmadd_ps(w[h], vc, acc[h][c]);
             }
             if (d0 == 0)
@@ -216,18 +249,25 @@ static inline __attribute__((always_inline)) void mix_values_nh(const int NH, co
  * lane adds the same terms in key order as mix_values_nh and the portable loop (one FMA per key per
  * output element; the denominators summed in key order), so the bits are theirs: only fewer passes
  * and more queries per value load. head_dim % 64 == 0. */
-static inline __attribute__((always_inline)) void mix_values_wide_nq(const int NQ, const float *const *p,
-        const float *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+static inline __attribute__((always_inline)) __m512 load16(const int HALF, const void *row, int64_t i) {
+    if (HALF) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
+    return _mm512_loadu_ps((const float *)row + i);
+}
+
+static inline __attribute__((always_inline)) void mix_values_wide_nq(const int HALF, const int NQ,
+        const float *const *p, const void *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n,
+        float *const *out) {
     float sums[WIDE_QUERIES] = {0.0f};
     for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
         __m512 acc[WIDE_QUERIES][4];
         for (int h = 0; h < NQ; ++h)
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
         for (int64_t k = 0; k < n; ++k) {
-            if (k + PREFETCH_KEYS < n) prefetch_row(v_cache + (rows[k + PREFETCH_KEYS] + kv_head) * head_dim + d0, 64);
-            const float *v = v_cache + (rows[k] + kv_head) * head_dim + d0;
+            if (k + PREFETCH_KEYS < n && d0 == 0)
+                prefetch_elems(HALF, cache_row(HALF, v_cache, rows[k + PREFETCH_KEYS] + kv_head, head_dim), head_dim);
+            const void *v = cache_row(HALF, v_cache, rows[k] + kv_head, head_dim);
             __m512 vc[4];
-            for (int c = 0; c < 4; ++c) vc[c] = _mm512_loadu_ps(v + 16 * c);
+            for (int c = 0; c < 4; ++c) vc[c] = load16(HALF, v, d0 + 16 * c);
             for (int h = 0; h < NQ; ++h) {
                 __m512 w = _mm512_set1_ps(p[h][k]);
                 for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_fmadd_ps(w, vc[c], acc[h][c]);
@@ -244,15 +284,15 @@ static inline __attribute__((always_inline)) void mix_values_wide_nq(const int N
     }
 }
 
-static void mix_values_wide(const float *const *p, int64_t nq, const float *v_cache, const int64_t *rows,
-                            int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+static inline __attribute__((always_inline)) void mix_values_wide(const int HALF, const float *const *p, int64_t nq,
+        const void *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
     switch (nq) { /* a compile-time count each: the accumulators stay in registers */
-    case 1: mix_values_wide_nq(1, p, v_cache, rows, kv_head, head_dim, n, out); break;
-    case 2: mix_values_wide_nq(2, p, v_cache, rows, kv_head, head_dim, n, out); break;
-    case 3: mix_values_wide_nq(3, p, v_cache, rows, kv_head, head_dim, n, out); break;
-    case 4: mix_values_wide_nq(4, p, v_cache, rows, kv_head, head_dim, n, out); break;
-    case 5: mix_values_wide_nq(5, p, v_cache, rows, kv_head, head_dim, n, out); break;
-    default: mix_values_wide_nq(WIDE_QUERIES, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 1: mix_values_wide_nq(HALF, 1, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 2: mix_values_wide_nq(HALF, 2, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 3: mix_values_wide_nq(HALF, 3, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 4: mix_values_wide_nq(HALF, 4, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    case 5: mix_values_wide_nq(HALF, 5, p, v_cache, rows, kv_head, head_dim, n, out); break;
+    default: mix_values_wide_nq(HALF, WIDE_QUERIES, p, v_cache, rows, kv_head, head_dim, n, out); break;
     }
 }
 
@@ -291,19 +331,21 @@ static void score_tile(const float *const *qs, int64_t nq, const float *kt, int6
 }
 #endif
 
-static void mix_values(const float *const *p, int64_t nh, const float *v_cache, const int64_t *rows, int64_t kv_head,
-                       int64_t head_dim, int64_t n, float *const *out) {
+/* HALF (fp16 values read in place) only where SIMD and head_dim % 32 == 0 (the caller's rule). */
+static inline __attribute__((always_inline)) void mix_values(const int HALF, const float *const *p, int64_t nh,
+        const void *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n, float *const *out) {
+    (void)HALF;
 #ifdef WIDE
     if (head_dim % 64 == 0) {
-        mix_values_wide(p, nh, v_cache, rows, kv_head, head_dim, n, out);
+        mix_values_wide(HALF, p, nh, v_cache, rows, kv_head, head_dim, n, out);
         return;
     }
 #endif
 #ifdef SIMD
     if (head_dim % 32 == 0) {
-        if (nh == 3) mix_values_nh(3, p, v_cache, rows, kv_head, head_dim, n, out);
-        else if (nh == 2) mix_values_nh(2, p, v_cache, rows, kv_head, head_dim, n, out);
-        else mix_values_nh(1, p, v_cache, rows, kv_head, head_dim, n, out);
+        if (nh == 3) mix_values_nh(HALF, 3, p, v_cache, rows, kv_head, head_dim, n, out);
+        else if (nh == 2) mix_values_nh(HALF, 2, p, v_cache, rows, kv_head, head_dim, n, out);
+        else mix_values_nh(HALF, 1, p, v_cache, rows, kv_head, head_dim, n, out);
         return;
     }
 #endif
@@ -367,19 +409,19 @@ static void softmax_numerators(float *s, int64_t row_keys, const uint8_t *seen, 
  * The group's heads are scored inside the loop over keys, so each key leaves memory once for all of
  * them (it was once per head); each (row, head) still runs the same arithmetic on the same keys.
  * scores: [group, j1 - j0, kv_len] scratch; rows: key row offsets (slot * num_kv_heads). */
-static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                        const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0, int64_t j1, int64_t kv_len,
-                        int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
-                        int64_t head_dim, float scale, const uint8_t *tree, float *scores, float *out) {
+static inline __attribute__((always_inline)) void attend_rows_t(const int HALF, const float *q, int64_t q_stride,
+        const void *k_cache, const void *v_cache, const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0,
+        int64_t j1, int64_t kv_len, int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
+        int64_t head_dim, float scale, const uint8_t *tree, float *scores, float *out) {
     int64_t ctx = kv_len - q_len, block = j1 - j0;
     int64_t last_key = tree ? kv_len : ctx + j1;
     for (int64_t k = 0; k < last_key; k += 4) {
-        const float *keys[4];
+        const void *keys[4];
         for (int i = 0; i < 4; ++i) /* past the end: repeat the last key, its scores are not stored */
-            keys[i] = k_cache + (rows[k + i < last_key ? k + i : last_key - 1] + kv_head) * head_dim;
+            keys[i] = cache_row(HALF, k_cache, rows[k + i < last_key ? k + i : last_key - 1] + kv_head, head_dim);
         if (k + PREFETCH_KEYS < last_key) /* the keys' rows are scattered by the block table */
             for (int i = 0; i < 4 && k + PREFETCH_KEYS + i < last_key; ++i)
-                prefetch_row(k_cache + (rows[k + PREFETCH_KEYS + i] + kv_head) * head_dim, head_dim);
+                prefetch_elems(HALF, cache_row(HALF, k_cache, rows[k + PREFETCH_KEYS + i] + kv_head, head_dim), head_dim);
         int64_t count = last_key - k < 4 ? last_key - k : 4;
         /* causal: rows before k - ctx see none of the four; a row that sees only some gets scores for
          * keys past its own end too, which it never reads */
@@ -394,7 +436,7 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
                 qs[u] = q + (q0 + j) * q_stride + (kv_head * group + g) * head_dim;
                 outs[u] = scores + (g * block + j - j0) * kv_len + k;
             }
-            score_queries(qs[0], qs[1], keys, head_dim, scale, count, outs[0], outs[1]);
+            score_queries(HALF, qs[0], qs[1], keys, head_dim, scale, count, outs[0], outs[1]);
         }
     }
     for (int64_t j = j0; j < j1; ++j) {
@@ -410,9 +452,23 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
                 p[h] = scores + ((g + h) * block + j - j0) * kv_len;
                 o[h] = out + ((q0 + j) * num_heads + kv_head * group + g + h) * head_dim;
             }
-            mix_values(p, nh, v_cache, rows, kv_head, head_dim, row_keys, o);
+            mix_values(HALF, p, nh, v_cache, rows, kv_head, head_dim, row_keys, o);
         }
     }
+}
+
+/* attend_rows_t over an fp32 cache, or an fp16 one read in place (SIMD builds with F16C, head_dim % 32
+ * == 0: same bits as over its values converted into fp32 scratch). */
+static void attend_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int64_t half,
+                        const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0, int64_t j1, int64_t kv_len,
+                        int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
+                        int64_t head_dim, float scale, const uint8_t *tree, float *scores, float *out) {
+    if (half)
+        attend_rows_t(1, q, q_stride, k_cache, v_cache, rows, q0, q_len, j0, j1, kv_len, kv_head, group, g0, g1,
+                      num_heads, head_dim, scale, tree, scores, out);
+    else
+        attend_rows_t(0, q, q_stride, k_cache, v_cache, rows, q0, q_len, j0, j1, kv_len, kv_head, group, g0, g1,
+                      num_heads, head_dim, scale, tree, scores, out);
 }
 
 #ifdef WIDE
@@ -423,8 +479,8 @@ static void attend_rows(const float *q, int64_t q_stride, const float *k_cache, 
  * are still in cache. A prompt row's bits depend only on its query and the keys it sees, whatever
  * chunk, unit or batch it is in; they are not a decode row's (another order of additions in the
  * scores), but a prompt token is never decoded. scores: [WIDE_QUERIES, stride] scratch. */
-static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt, int64_t stride, const float *v_cache,
-                               const int64_t *rows, int64_t q0, int64_t ctx, int64_t j0, int64_t j1, int64_t kv_head,
+static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt, int64_t stride, const void *v_cache,
+                               int64_t half, const int64_t *rows, int64_t q0, int64_t ctx, int64_t j0, int64_t j1, int64_t kv_head,
                                int64_t group, int64_t g0, int64_t g1, int64_t num_heads, int64_t head_dim, float scale,
                                float *scores, float *out) {
     int64_t heads = g1 - g0, num_queries = (j1 - j0) * heads;
@@ -446,7 +502,8 @@ static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt
             softmax_numerators(ps[u], row_keys[u], NULL, ctx, 0);
             for (int64_t k = row_keys[u]; k < keys; ++k) ps[u][k] = 0.0f; /* past its row: adds nothing */
         }
-        mix_values_wide((const float *const *)ps, nq, v_cache, rows, kv_head, head_dim, keys, outs);
+        if (half) mix_values_wide(1, (const float *const *)ps, nq, v_cache, rows, kv_head, head_dim, keys, outs);
+        else mix_values_wide(0, (const float *const *)ps, nq, v_cache, rows, kv_head, head_dim, keys, outs);
     }
 }
 #endif
@@ -525,7 +582,7 @@ static void *run_units(void *arg) {
     float *k_buf = NULL, *v_buf = NULL, *kt = NULL, *tile = NULL;
     int64_t *scratch_rows = NULL;
     int missing = !scores;
-    if (st->kv_half) {
+    if (st->kv_half && !(HALF_IN_PLACE && d % 32 == 0)) { /* scratch for converted K/V */
         k_buf = malloc(st->max_kv_len * d * sizeof(float));
         v_buf = malloc(st->max_kv_len * d * sizeof(float));
         scratch_rows = malloc(st->max_kv_len * sizeof(int64_t));
@@ -543,28 +600,25 @@ static void *run_units(void *arg) {
         int64_t b = st->req_ids[u->r], q0 = st->cu_q[b], q_len = st->cu_q[b + 1] - q0, kv_len = st->kv_lens[b];
         const uint8_t *tree = NULL;
         if (st->tree_mask && st->cu_tree_mask[b + 1] > st->cu_tree_mask[b]) tree = st->tree_mask + st->cu_tree_mask[b];
-        const float *k_cache = st->k_cache, *v_cache = st->v_cache;
+        const void *k_cache = st->k_cache, *v_cache = st->v_cache;
         const int64_t *rows = st->key_rows + st->key_offsets[u->r];
         int64_t last = tree ? kv_len : kv_len - q_len + u->j1; /* the keys this unit's rows see */
 #ifdef WIDE
         if (u->prompt) {
             int64_t stride = (last + 63) / 64 * 64;
             keys_transposed(st, rows, u->kv_head, last, stride, kt, tile);
-            if (st->kv_half) {
-                cache_to_scratch(st->v_cache, rows, u->kv_head, last, d, v_buf, scratch_rows);
-                v_cache = v_buf, rows = scratch_rows;
-            }
-            attend_prompt_rows(st->q, st->q_stride, kt, stride, v_cache, rows, q0, kv_len - q_len, u->j0, u->j1,
+            attend_prompt_rows(st->q, st->q_stride, kt, stride, st->v_cache, st->kv_half, rows, q0, kv_len - q_len, u->j0, u->j1,
                                u->kv_head, st->group, u->g0, u->g1, st->num_heads, d, st->scale, scores, st->out);
             continue;
         }
 #endif
-        if (st->kv_half) {
+        int64_t half = st->kv_half && HALF_IN_PLACE && d % 32 == 0;
+        if (st->kv_half && !half) {
             cache_to_scratch(st->k_cache, rows, u->kv_head, last, d, k_buf, scratch_rows);
             cache_to_scratch(st->v_cache, rows, u->kv_head, last, d, v_buf, scratch_rows);
             k_cache = k_buf, v_cache = v_buf, rows = scratch_rows;
         }
-        attend_rows(st->q, st->q_stride, k_cache, v_cache, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
+        attend_rows(st->q, st->q_stride, k_cache, v_cache, half, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
                     st->group, u->g0, u->g1, st->num_heads, d, st->scale, tree, scores, st->out);
     }
     if (missing) __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
