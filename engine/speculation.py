@@ -137,6 +137,11 @@ def accepted_path_moves(s: ScheduledRequest, result: VerifyResult) -> tuple[list
     return src, dst
 
 
+def _decoding(request: Request) -> bool:
+    """Its prompt is in the cache and one token (the last sampled) is left to compute."""
+    return request.num_tokens - request.num_computed_tokens == 1
+
+
 class Speculator:
     """The engine's speculation part: the drafters, the draft controller and the per-step plan."""
 
@@ -181,7 +186,7 @@ class Speculator:
         by_method: dict[str, list[Request]] = {}
         for r in running:
             method = self.method_of(r)
-            if method != "none" and r.num_tokens - r.num_computed_tokens == 1:
+            if method != "none" and _decoding(r):
                 by_method.setdefault(method, []).append(r)
         self._proposals, self._lookahead, offers, limits = {}, {}, {}, {}
         for method, requests in by_method.items():
@@ -197,7 +202,8 @@ class Speculator:
                          else depths(tree) if tree is not None else [])
                 if offer:
                     offers[r.request_id] = (r, method, offer)
-        num_decoding = sum(len(v) for v in by_method.values())
+        # every decoding request counts, a `none` one too: the plan must stay fair to it (controller.py)
+        num_decoding = sum(1 for r in running if _decoding(r))
         self._plan = self.controller.plan(offers, num_decoding, self._rows_per_draft) if offers else {}
         for r in by_method.get("pass", []):
             self._plan_lookahead(r, limits[r.request_id], max_model_len)

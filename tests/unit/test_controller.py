@@ -73,10 +73,37 @@ def test_plan_drafts_when_acceptance_pays_and_not_when_it_does_not():
     for _ in range(20):
         controller.record(good, "ngram", 5, 5)
         controller.record(bad, "ngram", 5, 0)
-    offers = {"good": (good, "ngram", [1, 2, 3, 4, 5]), "bad": (bad, "ngram", [1, 2, 3, 4, 5])}
-    plan = controller.plan(offers, num_base_rows=2)
-    assert plan.get("good", 0) == 5
-    assert plan.get("bad", 0) == 0
+    assert controller.plan({"good": (good, "ngram", [1, 2, 3, 4, 5])}, num_base_rows=1) == {"good": 5}
+    assert controller.plan({"bad": (bad, "ngram", [1, 2, 3, 4, 5])}, num_base_rows=1) == {}
+
+
+NEARLY_FREE_ROWS = {1: 0.036, 16: 0.037, 128: 0.060}  # GPU-like: a verify step costs what a decode step does
+
+
+@pytest.mark.parametrize("curve", [CPU_LIKE, NEARLY_FREE_ROWS], ids=["cpu-like", "rows-nearly-free"])
+def test_no_decoding_request_pays_for_its_neighbours_drafts(curve):
+    """A plan keeps every decoding request's expected rate (1 + its gain) / cost(rows) within 5% of
+    its plain rate: with a request that has nothing to draft beside it (a `none` request, or
+    MT-bench chat under prompt lookup), a good drafter may only add rows that cost the step little."""
+    model = StepCostModel(curve)
+    controller = DraftController(model)
+    good, weak = make_request("good"), make_request("weak")
+    for _ in range(20):
+        controller.record(good, "ngram", 5, 5)
+        controller.record(weak, "ngram", 5, 1)
+    offers = {"good": (good, "ngram", [1, 2, 3, 4, 5]), "weak": (weak, "ngram", [1, 2, 3, 4, 5])}
+    for num_base_rows in (2, 3, 8):  # 3 and 8: draftless decoding requests beside the two
+        plan = controller.plan(offers, num_base_rows)
+        cost = model.cost(num_base_rows + sum(plan.values()))
+        for rid, request in (("good", good), ("weak", weak), ("draftless", None)):
+            if rid == "draftless" and num_base_rows == 2:
+                continue
+            kept = plan.get(rid, 0) if request else 0
+            gain = sum(controller.alpha(request, "ngram") ** d for d in range(1, kept + 1)) if request else 0.0
+            # issue 3: no request slower than plain decoding by more than 5%
+            assert (1 + gain) / cost >= 0.95 / model.cost(num_base_rows), (num_base_rows, rid, plan)
+        if curve is NEARLY_FREE_ROWS:
+            assert plan.get("good") == 5  # rows that cost nothing are drafted whoever shares the step
 
 
 def test_plan_verifies_nothing_when_rows_are_expensive():
