@@ -19,7 +19,7 @@ from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.loader import model_name, resolve_model_dir
 from engine.scheduler import Scheduler
-from engine.spec.controller import CALIBRATION_ROWS
+from engine.spec.controller import ATTENTION_CALIBRATION, CALIBRATION_ROWS
 from engine.speculation import Speculator, Verified, accepted_path_moves, unpad, verify_step
 from engine.tokenizer import Tokenizer
 from engine.types import (DraftTree, EngineRequest, FinishedStats, FinishReason, Request, RequestOutput,
@@ -63,7 +63,10 @@ class LLMEngine:
         self.spec = Speculator(config, model_dir)
         self.runner.set_lookahead(self.spec.lookahead_embeds)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
-        self.spec.controller.cost_model.calibrate(self._forward_rows, self._calibration_rows())
+        cost_model = self.spec.controller.cost_model
+        cost_model.calibrate(self._forward_rows, self._calibration_rows())
+        if ATTENTION_CALIBRATION[0] + ATTENTION_CALIBRATION[1] <= self.kv.num_free_blocks * self.kv.block_size:
+            cost_model.calibrate_attention(self._forward_rows, *ATTENTION_CALIBRATION)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -119,6 +122,8 @@ class LLMEngine:
         logits = unpad(model_out.logits, entries, real_drafts) if self.spec.padded else model_out.logits
         verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits)
         stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
+        stats.num_key_rows = sum((s.num_new_tokens + s.num_lookahead + (len(s.draft) if s.draft is not None else 0))
+                                 * (s.request.num_computed_tokens + s.num_new_tokens) for s in sched.scheduled)
         moves = [accepted_path_moves(s, v.result) for s, v in zip(entries, verified)]
         self.scheduler.update_after_step(sched)
         outputs = []
@@ -193,14 +198,16 @@ class LLMEngine:
         capacity = self.kv.num_free_blocks * self.kv.block_size
         return tuple(n for n in CALIBRATION_ROWS if n + 1 <= capacity) or (1,)
 
-    def _forward_rows(self, num_rows: int) -> None:
-        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts.
+    def _forward_rows(self, num_rows: int, context: int = 1) -> None:
+        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts
+        after `context` tokens in the cache (their K/V left as the cache holds them: only the time
+        counts).
 
         The probe's first row is a generated token after a one-token prompt, as a decode row is: a
         prompt row would take the int8 dtypes' fp32 prompt path (engine/models/linear.py), which made
         every calibrated point 2-3x a real verify step's and kept the controller from drafting."""
-        probe = Request("__calibration__", [0, 0], 1, SamplingParams(), num_computed_tokens=1)
-        self.kv.allocate(probe, 1 + num_rows)
+        probe = Request("__calibration__", [0] * (context + 1), 1, SamplingParams(), num_computed_tokens=context)
+        self.kv.allocate(probe, context + num_rows)
         draft = DraftTree([0] * (num_rows - 1), list(range(-1, num_rows - 2))) if num_rows > 1 else None
         try:
             self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft)]))
@@ -241,6 +248,6 @@ class LLMEngine:
             controller = self.spec.controller
             stats.speedup = controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
             num_rows = stats.num_decode_tokens + sum(r.num_draft for r in stats.spec) + stats.num_lookahead_rows
-            controller.cost_model.observe(num_rows, step_time)
+            controller.cost_model.observe(num_rows, step_time, key_rows=stats.num_key_rows)
         stats.finished, self._pending_finished = self._pending_finished, []
         self.last_stats = stats

@@ -203,8 +203,9 @@ class Speculator:
                 if offer:
                     offers[r.request_id] = (r, method, offer)
         # every decoding request counts, a `none` one too: the plan must stay fair to it (controller.py)
-        num_decoding = sum(1 for r in running if _decoding(r))
-        self._plan = self.controller.plan(offers, num_decoding, self._rows_per_draft) if offers else {}
+        decoding = [r for r in running if _decoding(r)]
+        self._plan = self.controller.plan(offers, len(decoding), self._rows_per_draft,
+                                          sum(r.num_tokens for r in decoding)) if offers else {}
         for r in by_method.get("pass", []):
             self._plan_lookahead(r, limits[r.request_id], max_model_len)
         if self.padded and self._plan:  # the vanilla baseline: every request padded to the longest

@@ -256,6 +256,8 @@ class StepStats:
     num_generated_tokens: int = 0
     num_lookahead_rows: int = 0
     """PaSS look-ahead rows computed this step (rows that neither decode nor verify)."""
+    num_key_rows: int = 0
+    """(row, context key) pairs the step's attention computed: the draft controller's attention term."""
     num_preemptions: int = 0
     kv_cache_usage: float = 0.0
     spec: list[SpecRecord] = field(default_factory=list)

@@ -179,3 +179,22 @@ def test_probes_are_paced_for_the_whole_batch():
     steps = 10 * (EXPLORE_AFTER + 1)
     probes = sum(sum(controller.plan(offers, num_base_rows=8).values()) for _ in range(steps))
     assert 1 <= probes <= steps // (EXPLORE_AFTER + 1), probes
+
+
+def test_draft_rows_pay_for_the_keys_they_attend_to():
+    """A draft row attends to its request's whole context: at 4000 keys it costs the step far more
+    than at 10, so the same acceptance buys fewer drafts there; and an observed step's attention
+    term is taken out before the rows curve learns from it."""
+    model = StepCostModel(NEARLY_FREE_ROWS, seconds_per_key_row=2e-6)
+    controller = DraftController(model)
+    short, long_ = make_request("short"), make_request("long")
+    long_.token_ids = list(range(4000))
+    for request in (short, long_):
+        for _ in range(20):
+            controller.record(request, "ngram", 5, 2)
+    assert controller.plan({"short": (short, "ngram", [1, 2, 3, 4, 5])}, 1, base_key_rows=3) == {"short": 5}
+    plan_long = controller.plan({"long": (long_, "ngram", [1, 2, 3, 4, 5])}, 1, base_key_rows=4000)
+    assert plan_long.get("long", 0) < 5
+    before = model.cost(16)
+    model.observe(16, before + model.attention(16 * 4000), key_rows=16 * 4000)
+    assert model.cost(16) == pytest.approx(before)
