@@ -69,6 +69,14 @@ static inline const void *cache_row(const int HALF, const void *cache, int64_t r
     return HALF ? (const void *)((const uint16_t *)cache + r * head_dim) : (const void *)((const float *)cache + r * head_dim);
 }
 
+/* out_h /= sums_h for the nh rows of a value mix: the softmax's normalisation, one multiply each. */
+static inline void divide_rows(float *const *out, const float *sums, int64_t nh, int64_t head_dim) {
+    for (int64_t h = 0; h < nh; ++h) {
+        float inv = 1.0f / sums[h];
+        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
+    }
+}
+
 /* Ask for a row of n elements (fp32 or fp16) before it is needed. */
 static inline void prefetch_elems(const int HALF, const void *row, int64_t n) {
     if (HALF) prefetch_half_row(row, n);
@@ -234,10 +242,7 @@ static inline __attribute__((always_inline)) void mix_values_nh(const int HALF, 
         for (int h = 0; h < NH; ++h)
             for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[h] + d0 + 8 * c, acc[h][c]);
     }
-    for (int h = 0; h < NH; ++h) {
-        float inv = 1.0f / sums[h];
-        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
-    }
+    divide_rows(out, sums, NH, head_dim);
 }
 #endif
 
@@ -245,15 +250,16 @@ static inline __attribute__((always_inline)) void mix_values_nh(const int HALF, 
 #define WIDE 1
 #define WIDE_QUERIES 6 /* (row, head) queries per tile: 6 x 4 accumulators + 4 vectors fill the 32 registers */
 
-/* mix_values for up to WIDE_QUERIES (row, head) queries, 64 dims per pass in 16-lane vectors. Every
- * lane adds the same terms in key order as mix_values_nh and the portable loop (one FMA per key per
- * output element; the denominators summed in key order), so the bits are theirs: only fewer passes
- * and more queries per value load. head_dim % 64 == 0. */
+/* load8's 16-lane twin. */
 static inline __attribute__((always_inline)) __m512 load16(const int HALF, const void *row, int64_t i) {
     if (HALF) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
     return _mm512_loadu_ps((const float *)row + i);
 }
 
+/* mix_values for up to WIDE_QUERIES (row, head) queries, 64 dims per pass in 16-lane vectors. Every
+ * lane adds the same terms in key order as mix_values_nh and the portable loop (one FMA per key per
+ * output element; the denominators summed in key order), so the bits are theirs: only fewer passes
+ * and more queries per value load. head_dim % 64 == 0. */
 static inline __attribute__((always_inline)) void mix_values_wide_nq(const int HALF, const int NQ,
         const float *const *p, const void *v_cache, const int64_t *rows, int64_t kv_head, int64_t head_dim, int64_t n,
         float *const *out) {
@@ -278,10 +284,7 @@ static inline __attribute__((always_inline)) void mix_values_wide_nq(const int H
         for (int h = 0; h < NQ; ++h)
             for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out[h] + d0 + 16 * c, acc[h][c]);
     }
-    for (int h = 0; h < NQ; ++h) {
-        float inv = 1.0f / sums[h];
-        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
-    }
+    divide_rows(out, sums, NQ, head_dim);
 }
 
 static inline __attribute__((always_inline)) void mix_values_wide(const int HALF, const float *const *p, int64_t nq,
@@ -353,8 +356,7 @@ static inline __attribute__((always_inline)) void mix_values(const int HALF, con
         float sum = 0.0f;
         for (int64_t k = 0; k < n; ++k) sum += p[h][k]; /* in key order: masked keys (0) change nothing */
         weighted_sum(p[h], v_cache, rows, kv_head, head_dim, n, out[h]);
-        float inv = 1.0f / sum;
-        for (int64_t d = 0; d < head_dim; ++d) out[h][d] *= inv;
+        divide_rows(out + h, &sum, 1, head_dim);
     }
 }
 
