@@ -609,8 +609,9 @@ static void *run_units(void *arg) {
         if (u->prompt) {
             int64_t stride = (last + 63) / 64 * 64;
             keys_transposed(st, rows, u->kv_head, last, stride, kt, tile);
-            attend_prompt_rows(st->q, st->q_stride, kt, stride, st->v_cache, st->kv_half, rows, q0, kv_len - q_len, u->j0, u->j1,
-                               u->kv_head, st->group, u->g0, u->g1, st->num_heads, d, st->scale, scores, st->out);
+            attend_prompt_rows(st->q, st->q_stride, kt, stride, st->v_cache, st->kv_half, rows, q0, kv_len - q_len,
+                               u->j0, u->j1, u->kv_head, st->group, u->g0, u->g1, st->num_heads, d, st->scale, scores,
+                               st->out);
             continue;
         }
 #endif
