@@ -66,7 +66,8 @@ static inline void prefetch_half_row(const uint16_t *row, int64_t n) {
 
 /* Where row r (in units of head_dim) of a cache starts. */
 static inline const void *cache_row(const int HALF, const void *cache, int64_t r, int64_t head_dim) {
-    return HALF ? (const void *)((const uint16_t *)cache + r * head_dim) : (const void *)((const float *)cache + r * head_dim);
+    if (HALF) return (const uint16_t *)cache + r * head_dim;
+    return (const float *)cache + r * head_dim;
 }
 
 /* out_h /= sums_h for the nh rows of a value mix: the softmax's normalisation, one multiply each. */
@@ -423,7 +424,8 @@ static inline __attribute__((always_inline)) void attend_rows_t(const int HALF, 
             keys[i] = cache_row(HALF, k_cache, rows[k + i < last_key ? k + i : last_key - 1] + kv_head, head_dim);
         if (k + PREFETCH_KEYS < last_key) /* the keys' rows are scattered by the block table */
             for (int i = 0; i < 4 && k + PREFETCH_KEYS + i < last_key; ++i)
-                prefetch_elems(HALF, cache_row(HALF, k_cache, rows[k + PREFETCH_KEYS + i] + kv_head, head_dim), head_dim);
+                prefetch_elems(HALF, cache_row(HALF, k_cache, rows[k + PREFETCH_KEYS + i] + kv_head, head_dim),
+                               head_dim);
         int64_t count = last_key - k < 4 ? last_key - k : 4;
         /* causal: rows before k - ctx see none of the four; a row that sees only some gets scores for
          * keys past its own end too, which it never reads */
@@ -482,9 +484,9 @@ static void attend_rows(const float *q, int64_t q_stride, const void *k_cache, c
  * chunk, unit or batch it is in; they are not a decode row's (another order of additions in the
  * scores), but a prompt token is never decoded. scores: [WIDE_QUERIES, stride] scratch. */
 static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt, int64_t stride, const void *v_cache,
-                               int64_t half, const int64_t *rows, int64_t q0, int64_t ctx, int64_t j0, int64_t j1, int64_t kv_head,
-                               int64_t group, int64_t g0, int64_t g1, int64_t num_heads, int64_t head_dim, float scale,
-                               float *scores, float *out) {
+                               int64_t half, const int64_t *rows, int64_t q0, int64_t ctx, int64_t j0, int64_t j1,
+                               int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
+                               int64_t head_dim, float scale, float *scores, float *out) {
     int64_t heads = g1 - g0, num_queries = (j1 - j0) * heads;
     for (int64_t t0 = 0; t0 < num_queries; t0 += WIDE_QUERIES) {
         int64_t nq = num_queries - t0 < WIDE_QUERIES ? num_queries - t0 : WIDE_QUERIES, keys = 0;
@@ -572,7 +574,8 @@ static void keys_transposed(const struct step *st, const int64_t *key_rows, int6
             if (st->kv_half) half_to_floats((const uint16_t *)st->k_cache + at, tile + i * d, d);
             else memcpy(tile + i * d, (const float *)st->k_cache + at, d * sizeof(float));
         }
-        for (int64_t c = 0; c < d; ++c) _mm512_storeu_ps(kt + c * stride + k0, _mm512_i32gather_ps(across, tile + c, 4));
+        for (int64_t c = 0; c < d; ++c)
+            _mm512_storeu_ps(kt + c * stride + k0, _mm512_i32gather_ps(across, tile + c, 4));
     }
 }
 #endif
@@ -659,7 +662,8 @@ int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, 
     int64_t has_prompt_units = 0;
     for (int64_t r = 0; r < num_reqs; ++r) {
         int64_t b = req_ids[r], rows = cu_q[b + 1] - cu_q[b];
-        int64_t prompt = prompt_rows_of(prompt_rows, tree_mask, cu_tree_mask, b, rows, head_dim), others = rows - prompt;
+        int64_t prompt = prompt_rows_of(prompt_rows, tree_mask, cu_tree_mask, b, rows, head_dim);
+        int64_t others = rows - prompt;
         int64_t size = group * (others < ROW_BLOCK ? others : ROW_BLOCK) * kv_lens[b];
         max_scores = size > max_scores ? size : max_scores;
         size = 6 * ((kv_lens[b] + 63) / 64 * 64); /* attend_prompt_rows: WIDE_QUERIES rows of scores */
