@@ -34,9 +34,10 @@ def kv_cache_dtype(requested: str, dtype: str, device: torch.device) -> torch.dt
 
     auto: fp16 for the int8 dtypes on a CPU whose C kernels convert it (F16C). Why: half the cache's
     memory and of the bytes attention reads, which the int8 dtypes' quality bar still meets (README).
-    The speed gain is small, as the C attention is bound by its arithmetic more than by memory: on a
-    2-core Intel guest 16 decoding requests took 84-86 ms per step at context 1200 against 92-94 in
-    fp32, 54-56 against 57-58 at 400, batch 1 the same (benchmarks/forward_cost.py). fp32 elsewhere
+    On a 2-core Intel guest 16 decoding requests took 84-86 ms per step at context 1200 against 92-94
+    in fp32, 54-56 against 57-58 at 400, batch 1 the same (benchmarks/forward_cost.py, session 11,
+    when the C attention converted fp16 keys into scratch first); since it reads them in place, their
+    attention at 400 keys takes 255 us per layer against 461 in fp32 (session 12). fp32 elsewhere
     keeps --dtype fp32 token-identical to HF transformers; other activation dtypes keep theirs.
     """
     activations = ACTIVATION_DTYPES[dtype]
@@ -250,9 +251,10 @@ class ModelRunner:
         lookahead_rows, lookahead_counts, prompt_rows, prompt_counts = [], [], [], []
         for i, (s, lay) in enumerate(zip(sched.scheduled, layouts)):
             # a request's prompt tokens lead its new rows (a recomputed request: prompt, then output)
-            prompt_counts.append(sum(index < s.request.num_prompt_tokens for index in lay.cache_indices))
+            is_prompt = [index < s.request.num_prompt_tokens for index in lay.cache_indices]
+            prompt_counts.append(sum(is_prompt))
             if self.model.prompt_rows_dense:
-                prompt_rows += [index < s.request.num_prompt_tokens for index in lay.cache_indices]
+                prompt_rows += is_prompt
             sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
             lookahead_rows += [cu_q[-1] + row for row in lay.lookahead_rows]
             lookahead_counts.append(len(lay.lookahead_rows))

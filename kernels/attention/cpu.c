@@ -583,11 +583,12 @@ static void keys_transposed(const struct step *st, const int64_t *key_rows, int6
 static void *run_units(void *arg) {
     struct step *st = arg;
     int64_t d = st->head_dim, wide_stride = (st->max_kv_len + 63) / 64 * 64;
+    int64_t in_place = st->kv_half && HALF_IN_PLACE && d % 32 == 0; /* fp16 read where it lies */
     float *scores = malloc(st->max_scores * sizeof(float));
     float *k_buf = NULL, *v_buf = NULL, *kt = NULL, *tile = NULL;
     int64_t *scratch_rows = NULL;
     int missing = !scores;
-    if (st->kv_half && !(HALF_IN_PLACE && d % 32 == 0)) { /* scratch for converted K/V */
+    if (st->kv_half && !in_place) { /* scratch for converted K/V */
         k_buf = malloc(st->max_kv_len * d * sizeof(float));
         v_buf = malloc(st->max_kv_len * d * sizeof(float));
         scratch_rows = malloc(st->max_kv_len * sizeof(int64_t));
@@ -618,13 +619,12 @@ static void *run_units(void *arg) {
             continue;
         }
 #endif
-        int64_t half = st->kv_half && HALF_IN_PLACE && d % 32 == 0;
-        if (st->kv_half && !half) {
+        if (st->kv_half && !in_place) {
             cache_to_scratch(st->k_cache, rows, u->kv_head, last, d, k_buf, scratch_rows);
             cache_to_scratch(st->v_cache, rows, u->kv_head, last, d, v_buf, scratch_rows);
             k_cache = k_buf, v_cache = v_buf, rows = scratch_rows;
         }
-        attend_rows(st->q, st->q_stride, k_cache, v_cache, half, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
+        attend_rows(st->q, st->q_stride, k_cache, v_cache, in_place, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
                     st->group, u->g0, u->g1, st->num_heads, d, st->scale, tree, scores, st->out);
     }
     if (missing) __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
