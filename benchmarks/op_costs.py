@@ -89,9 +89,9 @@ def instrument(eng: LLMEngine, timers: Timers) -> None:
     if model.int8_layers is not None:
         model.int8_layers.lib = _TimedLib(model.int8_layers.lib, timers)
         int8_layers.F = _TimedF(int8_layers.F, timers, {"silu": "SwiGLU"})
-        # int8_layers reads int8._LINEAR_DYNAMIC per step: a stand-in module with it timed, so the
+        # int8_layers reads int8.matmul per step: a stand-in module with it timed, so the
         # logits' own int8 matmul (RowScaledInt8Linear) is not counted twice
-        int8_layers.int8 = _TimedF(int8, timers, {"_LINEAR_DYNAMIC": "matmuls (int8 layers)"})
+        int8_layers.int8 = _TimedF(int8, timers, {"matmul": "matmuls (int8 layers)"})
     llama.F = _TimedF(llama.F, timers, {"silu": "SwiGLU"})
     linear.F = _TimedF(linear.F, timers, {"rms_norm": "RMSNorm (layer-by-op)"})
     if model.prompt_rows_dense:

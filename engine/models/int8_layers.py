@@ -1,6 +1,6 @@
-"""The int8 decoder layers of a decoding or verification step on the CPU: each layer's four fbgemm
-matmuls from Python (through TorchScript, engine/models/int8.py), everything between them in one C call
-per gap (kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V store, attention, skip
+"""The int8 decoder layers of a decoding or verification step on the CPU: each layer's four int8
+matmuls from Python (`int8.matmul`: AMX tiles or fbgemm through TorchScript, the same bits), everything
+between them in one C call per gap (kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V store, attention, skip
 connections).
 
 Why: the layer-by-op path (LlamaModel._layer) makes ~25 Python-level calls per layer around its
@@ -80,7 +80,7 @@ class Int8Layers:
             **{f"{n}_y_width": _y_width(w) for n, w in weights.items()})
         # (the matmuls' packed weights, the C struct, its address) - the tensors the struct points to
         # belong to the layer, which the model keeps
-        packed = tuple(weights[n].packed for n in ("qkv", "o", "gate_up", "down"))
+        packed = tuple(weights[n] for n in ("qkv", "o", "gate_up", "down"))
         return packed, struct, ctypes.addressof(struct)
 
     @staticmethod
@@ -133,22 +133,22 @@ class Int8Layers:
         """x # [rows, hidden] fp32 contiguous embeddings -> the last layer's output (x, updated in place)."""
         self._bind_caches(kv_caches)
         _keep, in_hidden, in_inter, gate_up = self._bind_step(x, cos, sin, meta)
-        lib, step, inter, linear, reduce = self.lib, self.step_ptr, self.config.intermediate_size, int8._LINEAR_DYNAMIC, int8.REDUCE_RANGE
+        lib, step, inter, matmul = self.lib, self.step_ptr, self.config.intermediate_size, int8.matmul
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
         # Each matmul's output is named until its C call returns: a temporary would be freed first.
         for (qkv, o, gate_up_w, down), _, layer in self.layers:
             lib.decoder_before_qkv(step, layer)
-            y = linear(in_hidden, qkv, reduce)
+            y = matmul(in_hidden, qkv)
             if lib.decoder_after_qkv(step, layer, y.data_ptr()) != 0:
                 raise ValueError("C decoder layer: head_dim unsupported (even, at most 512), a slot out of range "
                                  "or no memory for attention")
-            y = linear(in_hidden, o, reduce)
+            y = matmul(in_hidden, o)
             lib.decoder_after_o(step, layer, y.data_ptr())
-            y = linear(in_hidden, gate_up_w, reduce)
+            y = matmul(in_hidden, gate_up_w)
             lib.decoder_after_gate_up(step, layer, y.data_ptr())
             act = F.silu(gate).mul_(up)  # the layer-by-op path's expression: the same bits
             assert act.stride(0) == inter, "the C side reads the SwiGLU rows packed"
             lib.decoder_before_down(step, act.data_ptr())
-            y = linear(in_inter, down, reduce)
+            y = matmul(in_inter, down)
             lib.decoder_after_down(step, layer, y.data_ptr())
         return x
