@@ -43,6 +43,7 @@ from engine.types import EngineRequest, SamplingParams  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 C_GAPS = ("decoder_before_qkv", "decoder_after_qkv", "decoder_after_o", "decoder_after_gate_up",
           "decoder_before_down", "decoder_after_down")
+C_TILED = ("decoder_attention_tiled", "decoder_down_tiled")  # where AMX runs: the matmuls inside
 
 
 class Timers:
@@ -70,6 +71,8 @@ class _TimedLib:
     def __init__(self, lib, timers: Timers):
         for name in C_GAPS:
             setattr(self, name, timers.wrap("C gaps (norms, RoPE+store, attention, skips)", getattr(lib, name)))
+        for name in C_TILED:
+            setattr(self, name, timers.wrap("C layers (gaps + matmuls on AMX tiles)", getattr(lib, name)))
 
 
 class _TimedF:

@@ -28,6 +28,8 @@ from engine.models.int8 import Int8Weight, RowScaledInt8Linear
 from kernels import backend
 from kernels.attention.cpu import CpuPlan
 from kernels.decoder import cpu as decoder_cpu
+from kernels.int8_matmul.cpu import PackedInt8
+from kernels.int8_matmul.ref import INV_SCALE
 from kernels.rowscale.ref import FIT, LO_GAIN, LO_WEIGHT, STEP
 
 
@@ -38,6 +40,23 @@ def _int8_part(weight) -> Int8Weight:
 def _ptr(tensor: torch.Tensor | None) -> int | None:
     assert tensor is None or tensor.is_contiguous(), "the C side reads packed rows"
     return None if tensor is None else tensor.data_ptr()
+
+
+MATMULS = ("qkv", "o", "gate_up", "down")
+
+
+def _check(code: int) -> None:
+    if code == 3:
+        raise MemoryError("C decoder layer: no memory for a matmul's quantized rows")
+    if code != 0:
+        raise ValueError("C decoder layer: head_dim unsupported (even, at most 512), a slot out of range "
+                         "or no memory for attention")
+
+
+def _tiled(packed: PackedInt8) -> decoder_cpu.TiledWeight:
+    return decoder_cpu.TiledWeight(
+        tiles=packed.tiles.data_ptr(), colsum=packed.colsum.data_ptr(), col_scale=packed.col_scale.data_ptr(),
+        n=packed.n, k=packed.k, n_pad=packed.tiles.shape[0] * 16, k_pad=packed.tiles.shape[1] * 4)
 
 
 def _y_width(weight: Int8Weight) -> int:
@@ -57,8 +76,12 @@ class Int8Layers:
         self.step = decoder_cpu.DecoderStep(
             hidden=cfg.hidden_size, inter=cfg.intermediate_size, num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, scale=model.scale,
-            fit=FIT, inv_step=1 / STEP, step=STEP, lo_gain=LO_GAIN, lo_weight=LO_WEIGHT)
+            fit=FIT, inv_step=1 / STEP, step=STEP, lo_gain=LO_GAIN, lo_weight=LO_WEIGHT, inv_scale=float(INV_SCALE))
         self.step_ptr = ctypes.addressof(self.step)
+        weights = [[_int8_part(getattr(layer, n)) for n in MATMULS] for layer in model.layers]
+        # Every matmul on AMX tiles, or every one from Python: one C call per half layer needs all four.
+        self.tiled = int8.amx_library() is not None and all(w.tiles is not None for ws in weights for w in ws)
+        self.y_width = max(_y_width(w) for ws in weights for w in ws)
         self.layers = [self._layer_struct(layer) for layer in model.layers]
         self._bound_caches = None
         self._scratch: dict[str, torch.Tensor] = {}
@@ -78,10 +101,12 @@ class Int8Layers:
             input_norm=_ptr(layer.input_norm), post_norm=_ptr(layer.post_norm), qkv_bias=_ptr(layer.qkv_bias),
             o_bias=_ptr(layer.o_bias), **{f"{n}_split": _ptr(w.residual_of) for n, w in weights.items()},
             **{f"{n}_y_width": _y_width(w) for n, w in weights.items()})
-        # (the matmuls' packed weights, the C struct, its address) - the tensors the struct points to
+        if self.tiled:
+            for name in MATMULS:
+                setattr(struct, name, _tiled(weights[name].tiles))
+        # (the matmuls' weights, the C struct, its address) - the tensors the struct points to
         # belong to the layer, which the model keeps
-        packed = tuple(weights[n] for n in ("qkv", "o", "gate_up", "down"))
-        return packed, struct, ctypes.addressof(struct)
+        return tuple(weights[n] for n in MATMULS), struct, ctypes.addressof(struct)
 
     @staticmethod
     def applies(meta) -> bool:
@@ -127,6 +152,8 @@ class Int8Layers:
                                                 plan.block_tables.data_ptr())
         st.max_blocks, st.num_reqs, st.req_ids = plan.block_tables.shape[1], plan.req_ids.numel(), plan.req_ids.data_ptr()
         st.tree_mask, st.cu_tree_mask = _ptr(plan.tree_mask), _ptr(plan.cu_tree_mask)
+        if self.tiled:
+            st.y = self._buffer("y", 2 * rows + 1, self.y_width).data_ptr()
         return keep, in_hidden[: 2 * rows + 1], in_inter[: 2 * rows + 1], gate_up[:rows]
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> torch.Tensor:
@@ -135,13 +162,17 @@ class Int8Layers:
         _keep, in_hidden, in_inter, gate_up = self._bind_step(x, cos, sin, meta)
         lib, step, inter, matmul = self.lib, self.step_ptr, self.config.intermediate_size, int8.matmul
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if self.tiled:
+            for _, _, layer in self.layers:
+                _check(lib.decoder_attention_tiled(step, layer))
+                act = F.silu(gate).mul_(up)  # the layer-by-op path's expression: the same bits
+                _check(lib.decoder_down_tiled(step, layer, act.data_ptr()))
+            return x
         # Each matmul's output is named until its C call returns: a temporary would be freed first.
         for (qkv, o, gate_up_w, down), _, layer in self.layers:
             lib.decoder_before_qkv(step, layer)
             y = matmul(in_hidden, qkv)
-            if lib.decoder_after_qkv(step, layer, y.data_ptr()) != 0:
-                raise ValueError("C decoder layer: head_dim unsupported (even, at most 512), a slot out of range "
-                                 "or no memory for attention")
+            _check(lib.decoder_after_qkv(step, layer, y.data_ptr()))
             y = matmul(in_hidden, o)
             lib.decoder_after_o(step, layer, y.data_ptr())
             y = matmul(in_hidden, gate_up_w)

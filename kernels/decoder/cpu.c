@@ -10,6 +10,7 @@
 #include "../rowscale/cpu.c"
 #include "../rope/cpu.c"
 #include "../attention/cpu.c"
+#include "../int8_matmul/cpu.c"
 
 /* What every layer of one step shares: its rows, buffers, rotary tables, slots and attention plan. */
 typedef struct {
@@ -30,7 +31,17 @@ typedef struct {
     const uint8_t *tree_mask;
     const int64_t *cu_tree_mask;
     int64_t kv_half; /* the caches hold fp16 (else fp32) */
+    float *y;        /* [1 + 2 * rows, widest matmul output] the tiled matmuls' output (row 0 unused) */
+    float inv_scale; /* the int8 activations' 1 / scale (kernels/int8_matmul/ref.py) */
 } decoder_step;
+
+/* A matmul's weights in AMX tiles (kernels/int8_matmul/cpu.py PackedInt8). */
+typedef struct {
+    const int8_t *tiles;
+    const int32_t *colsum;
+    const float *col_scale;
+    int64_t n, k, n_pad, k_pad;
+} tiled_weight;
 
 /* One layer's weights besides the packed matmuls: norms, biases, split maps (NULL: none), the widths
  * of the matmuls' outputs (channels plus residual rows), its KV cache. */
@@ -39,6 +50,7 @@ typedef struct {
     const int32_t *qkv_split, *o_split, *gate_up_split, *down_split;
     int64_t qkv_y_width, o_y_width, gate_up_y_width, down_y_width;
     void *k_cache, *v_cache;
+    tiled_weight qkv, o, gate_up, down; /* tiles NULL: the matmuls run from Python */
 } decoder_layer;
 
 static void prep_rows(const decoder_step *s, const float *x, int64_t width, const float *norm, float *buf) {
@@ -91,4 +103,33 @@ void decoder_before_down(const decoder_step *s, const float *act) {
 /* After down: the skip connection. */
 void decoder_after_down(const decoder_step *s, const decoder_layer *l, const float *y) {
     finish_rows(s, y, s->hidden, l->down_y_width, NULL, s->x, 1, l->down_split);
+}
+
+/* A matmul on AMX tiles from a rowscale buffer (its row 0, fbgemm's sentinel, skipped) into s->y,
+ * laid out as fbgemm's output is (row 0 unused), so the gap after it reads it the same way. */
+static int tiled_matmul(const decoder_step *s, const float *buf, const tiled_weight *w) {
+    return int8_matmul(buf + w->k, 2 * s->rows, w->k, w->tiles, w->n, w->n_pad, w->k_pad, w->colsum, w->col_scale,
+                       s->inv_scale, s->y + w->n, w->n);
+}
+
+/* A layer up to its SwiGLU with the matmuls on AMX tiles: one call instead of four matmul calls and
+ * four gap calls from Python. Returns decoder_after_qkv's codes, or 3 when a matmul has no memory. */
+int decoder_attention_tiled(const decoder_step *s, const decoder_layer *l) {
+    decoder_before_qkv(s, l);
+    if (tiled_matmul(s, s->in_hidden, &l->qkv) != 0) return 3;
+    int err = decoder_after_qkv(s, l, s->y);
+    if (err != 0) return err;
+    if (tiled_matmul(s, s->in_hidden, &l->o) != 0) return 3;
+    decoder_after_o(s, l, s->y);
+    if (tiled_matmul(s, s->in_hidden, &l->gate_up) != 0) return 3;
+    decoder_after_gate_up(s, l, s->y);
+    return 0;
+}
+
+/* The rest of the layer from the SwiGLU rows: down on AMX tiles and the skip connection. */
+int decoder_down_tiled(const decoder_step *s, const decoder_layer *l, const float *act) {
+    decoder_before_down(s, act);
+    if (tiled_matmul(s, s->in_inter, &l->down) != 0) return 3;
+    decoder_after_down(s, l, s->y);
+    return 0;
 }

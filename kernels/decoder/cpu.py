@@ -20,14 +20,19 @@ class DecoderStep(ctypes.Structure):
                 + [(n, _P) for n in ("x", "in_hidden", "in_inter", "scales", "qkv", "attn", "gate_up", "cos",
                                      "sin", "slots", "cu_q", "kv_lens", "block_tables")]
                 + [("max_blocks", _I64), ("num_reqs", _I64), ("req_ids", _P), ("tree_mask", _P),
-                   ("cu_tree_mask", _P), ("kv_half", _I64)])
+                   ("cu_tree_mask", _P), ("kv_half", _I64), ("y", _P), ("inv_scale", _F32)])
+
+
+class TiledWeight(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("tiles", "colsum", "col_scale")] + [(n, _I64) for n in ("n", "k", "n_pad", "k_pad")]
 
 
 class DecoderLayer(ctypes.Structure):
     _fields_ = ([(n, _P) for n in ("input_norm", "post_norm", "qkv_bias", "o_bias", "qkv_split", "o_split",
                                    "gate_up_split", "down_split")]
                 + [(n, _I64) for n in ("qkv_y_width", "o_y_width", "gate_up_y_width", "down_y_width")]
-                + [("k_cache", _P), ("v_cache", _P)])
+                + [("k_cache", _P), ("v_cache", _P)]
+                + [(n, TiledWeight) for n in ("qkv", "o", "gate_up", "down")])
 
 
 SIGNATURES = (
@@ -37,6 +42,8 @@ SIGNATURES = (
     ("decoder_after_gate_up", (_P, _P, F32P)),
     ("decoder_before_down", (_P, F32P)),
     ("decoder_after_down", (_P, _P, F32P)),
+    ("decoder_attention_tiled", (_P, _P), ctypes.c_int),
+    ("decoder_down_tiled", (_P, _P, F32P), ctypes.c_int),
 )
 
 

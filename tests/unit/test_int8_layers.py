@@ -66,6 +66,24 @@ def test_fused_step_has_the_bits_of_the_layer_by_op_path(runner, drafts, monkeyp
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
+def test_matmuls_on_amx_tiles_give_the_bits_of_fbgemm(runner, monkeypatch):
+    """Where AMX runs, the fused path's matmuls are C calls on tiles; against the layer-by-op path with
+    every matmul through fbgemm, the step's logits and K/V are the same bits."""
+    from engine.models import int8
+
+    assert runner.model.int8_layers.tiled == (int8.amx_library() is not None)
+    if not runner.model.int8_layers.tiled:
+        pytest.skip("no AMX here: every matmul is fbgemm's already")
+    monkeypatch.setattr(int8, "matmul", lambda buf, w: int8._LINEAR_DYNAMIC(buf, w.packed, int8.REDUCE_RANGE))
+    reqs = _prefilled(runner, (5, 19, 33, 12), seed=4)
+    sched = SchedulerOutput([ScheduledRequest(r, 1, DraftTree([7, 8, 9], [-1, 0, 1]) if i % 2 else None)
+                             for i, r in enumerate(reqs)])
+    (tiled_logits, tiled_kv), (ref_logits, ref_kv) = _both_paths(runner, sched, monkeypatch)
+    assert torch.equal(tiled_logits, ref_logits)
+    for (k, v), (k_ref, v_ref) in zip(tiled_kv, ref_kv):
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
 def test_steps_with_fp32_prompt_rows_or_a_forced_backend_take_the_layer_by_op_path(runner):
     from engine.models.llama import AttentionMetadata
     from kernels.attention.cpu import CpuPlan
