@@ -152,6 +152,7 @@ class Int8Layers:
                                                 plan.block_tables.data_ptr())
         st.max_blocks, st.num_reqs, st.req_ids = plan.block_tables.shape[1], plan.req_ids.numel(), plan.req_ids.data_ptr()
         st.tree_mask, st.cu_tree_mask = _ptr(plan.tree_mask), _ptr(plan.cu_tree_mask)
+        st.prompt_rows = _ptr(plan.prompt_rows)
         if self.tiled:
             st.y = self._buffer("y", 2 * rows + 1, self.y_width).data_ptr()
         return keep, in_hidden[: 2 * rows + 1], in_inter[: 2 * rows + 1], gate_up[:rows]
