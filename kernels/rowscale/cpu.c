@@ -1,18 +1,23 @@
 /* specd: per-row activation scaling around fbgemm's int8 linear, fused (see kernels/rowscale/ref.py,
  * the specification these functions follow).
  *
- * Every row is computed by the same sequential loops whatever else is in the batch (no threads, no
- * reassociation: built with -fno-fast-math -ffp-contract=off), so a row's bits never depend on its
- * neighbours. That is what keeps speculative decoding lossless under int8.
+ * Every row is computed by the same sequential loops whatever else is in the batch (no reassociation:
+ * built with -fno-fast-math -ffp-contract=off; rows, never a row's loops, are split across threads),
+ * so a row's bits never depend on its neighbours. That is what keeps speculative decoding lossless
+ * under int8. Threads only from PARALLEL_ROWS rows on: a batch-1 step makes 240 of these calls, where
+ * waking a second thread costs more than the row.
  */
 #include <math.h>
 #include <stdint.h>
+
+#define PARALLEL_ROWS 4
 
 /* buf rows: 0 = the sentinel (caller's), 1..rows = hi, rows+1..2*rows = lo.
  * norm_weight != NULL: the row is RMS-normalised first (x * rsqrt(mean(x^2) + eps) * w). */
 void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride,
                    const float *norm_weight, float eps, float *buf, float *scales,
                    float fit, float inv_step, float step, float lo_gain) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * x_stride;
         float *hi = buf + (1 + r) * width;
@@ -47,6 +52,7 @@ void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride
 void rowscale_finish(const float *y, int64_t rows, int64_t width, int64_t y_width, const float *scales,
                      float lo_weight, const float *bias, float *out, int64_t out_stride, int32_t accumulate,
                      const int32_t *residual_of) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
         const float *hi = y + (1 + r) * y_width;
         const float *lo = y + (1 + rows + r) * y_width;
