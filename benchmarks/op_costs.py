@@ -100,6 +100,8 @@ def instrument(eng: LLMEngine, timers: Timers) -> None:
     if model.prompt_rows_dense:
         lin = model._linear
         lin.dense.matmul = timers.wrap("linears (prompt rows)", lin.dense.matmul)
+        if lin.dense_mlp is not None:
+            lin.dense_mlp = timers.wrap("gate/up + SwiGLU + down (prompt rows, fused)", lin.dense_mlp)
     llama.rotate_and_store = timers.wrap("RoPE + K/V store (layer-by-op)", llama.rotate_and_store)
     llama.paged_attention = timers.wrap("attention (layer-by-op)", llama.paged_attention)
     model.compute_logits = timers.wrap("logits (lm_head + rescoring)", model.compute_logits)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.int8 import Int8Weight, RowScaledInt8Linear
+from kernels.bf16_rows import cpu as bf16_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,34 +74,81 @@ def pack_onednn_bf16(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
 
 
-def onednn_bf16_blocks(x, weight, bias):
+def onednn_bf16_blocks(x, weight, bias, norm=None, residual=None):
     """fp32 rows -> bf16 (AMX) linear over weight packed by pack_onednn_bf16 -> fp32 rows, in calls of
     64 to 192 rows (bf16_call_rows; zero rows pad a short prompt chunk up to 64), so a row's bits never
-    depend on how many rows came with it. Written call by call into one output: no concatenation, and
-    no fresh zeroed buffer (each extra allocation and small parallel op cost tens of microseconds
-    in a serving step)."""
+    depend on how many rows came with it. norm=(weight, eps): RMSNorm straight into the bf16 rows
+    (kernels/bf16_rows); residual (without bias): each call's bf16 output added into it, cast in the
+    add, so no fp32 copy of the output is made (the same bits as adding that copy). Written call by
+    call: no concatenation, and no fresh zeroed buffer (each extra allocation and small parallel op
+    cost tens of microseconds in a serving step)."""
     rows, calls = x.shape[0], bf16_call_rows(x.shape[0])
-    padded = torch.empty(max(rows, calls[0]), x.shape[1], dtype=torch.bfloat16)
-    padded[:rows] = x
-    padded[rows:] = 0
+    padded = _bf16_rows(x, calls[0], norm)
     out, start = None, 0
     for size in calls:
         y = _LINEAR_POINTWISE(padded[start : start + size], weight, None, "none", [], "")
-        if out is None:
-            out = torch.empty(rows, y.shape[1], dtype=torch.float32)
         stop = min(start + size, rows)
-        out[start:stop] = y[: stop - start]
+        if residual is not None and bias is None:
+            residual[start:stop].add_(y[: stop - start])
+        else:
+            if out is None:
+                out = torch.empty(rows, y.shape[1], dtype=torch.float32)
+            out[start:stop] = y[: stop - start]
         start = stop
-    return out if bias is None else out.add_(bias)
+    if out is None:
+        return residual
+    if bias is not None:
+        out.add_(bias)
+    return out if residual is None else residual.add_(out)
+
+
+def onednn_bf16_mlp(x, gate_up, down, norm, residual):
+    """residual += down(SwiGLU(gate_up(RMSNorm(x)))) for prompt rows, in bf16 calls of 64-192 rows, each
+    call's gate/up output going through SwiGLU (kernels/bf16_rows) into down's input without an fp32
+    copy: its casts and fresh buffers cost ~12 ms of a 256-token step (2-core Intel guest)."""
+    rows, calls = x.shape[0], bf16_call_rows(x.shape[0])
+    padded = _bf16_rows(x, calls[0], norm)
+    lib, start = bf16_rows.load(), 0
+    for size in calls:
+        y = _LINEAR_POINTWISE(padded[start : start + size], gate_up, None, "none", [], "")
+        act = _swiglu_bf16(lib, y)
+        z = _LINEAR_POINTWISE(act, down, None, "none", [], "")
+        stop = min(start + size, rows)
+        residual[start:stop].add_(z[: stop - start])
+        start = stop
+    return residual
+
+
+def _bf16_rows(x: torch.Tensor, min_rows: int, norm) -> torch.Tensor:
+    """x (RMS-normalised first when norm is given) as bf16 rows, zero rows padding it to min_rows."""
+    rows = x.shape[0]
+    padded = torch.empty(max(rows, min_rows), x.shape[1], dtype=torch.bfloat16)
+    lib = bf16_rows.load() if norm is not None else None
+    if lib is not None:
+        bf16_rows.rms_norm_bf16(lib, x.contiguous(), norm[0], norm[1], padded[:rows])
+    else:
+        padded[:rows] = x if norm is None else F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
+    padded[rows:] = 0
+    return padded
+
+
+def _swiglu_bf16(lib, y: torch.Tensor) -> torch.Tensor:
+    inter = y.shape[1] // 2
+    if lib is not None:
+        return bf16_rows.swiglu_bf16(lib, y, torch.empty(y.shape[0], inter, dtype=torch.bfloat16))
+    return (F.silu(y[:, :inter].float()) * y[:, inter:].float()).to(torch.bfloat16)  # no compiler: torch
 
 
 class FusedLinear:
-    """A plain matmul behind the common signature, so the decoder layer is written once."""
+    """A plain matmul behind the common signature, so the decoder layer is written once. fuses: the
+    matmul takes norm= and residual= itself."""
 
-    def __init__(self, matmul):
-        self.matmul = matmul
+    def __init__(self, matmul, fuses: bool = False):
+        self.matmul, self.fuses = matmul, fuses
 
     def __call__(self, x, weight, bias, norm=None, residual=None):
+        if self.fuses:
+            return self.matmul(x, weight, bias, norm=norm, residual=residual)
         if norm is not None:
             x = F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
         y = self.matmul(x, weight, bias)
@@ -139,11 +187,13 @@ class PromptLinear(NamedTuple):
     """A dense linear for the int8 dtypes' prompt rows: how to pack a weight, and the matmul."""
     name: str
     pack: object  # weight -> packed weight
-    matmul: object  # (x, packed weight, bias) -> y
+    matmul: object  # (x, packed weight, bias) -> y; with fuses, also norm= and residual= (FusedLinear)
+    fuses: bool = False
+    mlp: object = None  # (x, gate_up, down, norm, residual) -> residual, the SwiGLU block fused; None: per linear
 
 
 PROMPT_FP32 = PromptLinear("oneDNN fp32", pack_onednn, onednn_linear_two_rows)
-PROMPT_BF16 = PromptLinear("oneDNN bf16 blocks", pack_onednn_bf16, onednn_bf16_blocks)
+PROMPT_BF16 = PromptLinear("oneDNN bf16 blocks", pack_onednn_bf16, onednn_bf16_blocks, True, onednn_bf16_mlp)
 
 
 def onednn_rows_exact(weights: list[torch.Tensor], prompt_linear: PromptLinear = PROMPT_FP32) -> bool:
@@ -220,7 +270,8 @@ class PromptRowsDense:
 
     def __init__(self, prompt_linear: PromptLinear = PROMPT_FP32):
         self.int8 = RowScaledInt8Linear()
-        self.dense = FusedLinear(prompt_linear.matmul)
+        self.dense = FusedLinear(prompt_linear.matmul, prompt_linear.fuses)
+        self.dense_mlp = prompt_linear.mlp
         self._route: tuple[torch.Tensor, torch.Tensor] | str = "int8"
 
     def set_rows(self, prompt_rows: torch.Tensor | None) -> None:
@@ -245,3 +296,23 @@ class PromptRowsDense:
         for rows, y in parts:
             out.index_copy_(0, rows, y)
         return out
+
+    def mlp(self, x, gate_up: HybridWeight, down: HybridWeight, norm, inter: int) -> torch.Tensor:
+        """The SwiGLU block, x updated in place: prompt rows through the prompt linear's fused block
+        where it has one, every row the same way whether the step's rows are all prompt or mixed."""
+        if self.dense_mlp is None or self._route == "int8":
+            return swiglu_block(self, x, gate_up, down, norm, inter)
+        if self._route == "dense":
+            return self.dense_mlp(x, gate_up.dense, down.dense, norm, x)
+        prompt, other = self._route
+        prompt_x, other_x = x.index_select(0, prompt), x.index_select(0, other)
+        self.dense_mlp(prompt_x, gate_up.dense, down.dense, norm, prompt_x)
+        swiglu_block(self.int8, other_x, gate_up.int8, down.int8, norm, inter)
+        return x.index_copy_(0, prompt, prompt_x).index_copy_(0, other, other_x)
+
+
+def swiglu_block(linear, x, gate_up, down, norm, inter: int) -> torch.Tensor:
+    """x += down(silu(gate) * up) with gate/up = gate_up(RMSNorm(x)), through `linear` (the common
+    signature), x updated in place."""
+    gate_up_y = linear(x, gate_up, None, norm=norm)
+    return linear(F.silu(gate_up_y[:, :inter]).mul_(gate_up_y[:, inter:]), down, None, residual=x)

@@ -25,7 +25,7 @@ from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
 from engine.models.int8_layers import Int8Layers
 from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, choose_prompt_linear, dense_linear,
-                                  measure_backends, onednn_linear, pack_onednn)
+                                  measure_backends, onednn_linear, pack_onednn, swiglu_block)
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rescore import rescore_top_k
 from kernels.rope import rotate_and_store
@@ -229,9 +229,10 @@ class LlamaModel:
             meta.tree_mask, meta.cu_tree_mask, plan=meta.plan,
         )
         x = lin(attn.reshape(num_tokens, num_heads * head_dim), layer.o, layer.o_bias, residual=x)
-        gate_up = lin(x, layer.gate_up, None, norm=(layer.post_norm, eps))  # [num_tokens, 2 * intermediate]
-        inter = cfg.intermediate_size
-        return lin(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), layer.down, None, residual=x)
+        mlp = getattr(lin, "mlp", None)  # PromptRowsDense: prompt rows' SwiGLU block fused
+        if mlp is not None:
+            return mlp(x, layer.gate_up, layer.down, (layer.post_norm, eps), cfg.intermediate_size)
+        return swiglu_block(lin, x, layer.gate_up, layer.down, (layer.post_norm, eps), cfg.intermediate_size)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

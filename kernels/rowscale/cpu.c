@@ -12,6 +12,13 @@
 
 #define PARALLEL_ROWS 4
 
+/* 1 / RMS of a row, its squares summed in order. */
+static float row_inv_rms(const float *x, int64_t width, float eps) {
+    float sum_sq = 0.0f;
+    for (int64_t i = 0; i < width; ++i) sum_sq += x[i] * x[i];
+    return 1.0f / sqrtf(sum_sq / (float)width + eps);
+}
+
 /* buf rows: 0 = the sentinel (caller's), 1..rows = hi, rows+1..2*rows = lo.
  * norm_weight != NULL: the row is RMS-normalised first (x * rsqrt(mean(x^2) + eps) * w). */
 void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride,
@@ -23,9 +30,7 @@ void rowscale_prep(const float *x, int64_t rows, int64_t width, int64_t x_stride
         float *hi = buf + (1 + r) * width;
         float *lo = buf + (1 + rows + r) * width;
         if (norm_weight) {
-            float sum_sq = 0.0f;
-            for (int64_t i = 0; i < width; ++i) sum_sq += xr[i] * xr[i];
-            float inv_rms = 1.0f / sqrtf(sum_sq / (float)width + eps);
+            float inv_rms = row_inv_rms(xr, width, eps);
             for (int64_t i = 0; i < width; ++i) hi[i] = xr[i] * inv_rms * norm_weight[i];
         } else {
             for (int64_t i = 0; i < width; ++i) hi[i] = xr[i];

@@ -96,6 +96,36 @@ def test_mixed_rows_take_their_own_path_with_the_same_bits_as_alone(fused, promp
     assert not torch.equal(dense, int8)
 
 
+@pytest.mark.skipif(not BF16, reason="oneDNN has no bf16 on this CPU")
+def test_the_fused_swiglu_block_gives_each_row_its_bits_in_any_mix():
+    """bf16 prompt rows' SwiGLU block runs fused (onednn_bf16_mlp), in an all-prompt step and among int8
+    rows alike; int8 rows keep the per-linear block."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, inter = 64, 96
+    w_gate_up, w_down = torch.randn(2 * inter, hidden, generator=gen) / 8, torch.randn(hidden, inter, generator=gen) / 10
+    gate_up = linear.HybridWeight(linear.PROMPT_BF16.pack(w_gate_up), quantize_weight(w_gate_up, 1.0))
+    down = linear.HybridWeight(linear.PROMPT_BF16.pack(w_down), quantize_weight(w_down, 1.0))
+    norm = (torch.rand(hidden, generator=gen) + 0.5, 1e-5)
+    x = torch.randn(7, hidden, generator=gen)
+    prompt = torch.tensor([True, False, True, True, False, False, True])
+    layer = linear.PromptRowsDense(linear.PROMPT_BF16)
+
+    def block(rows_mask, rows):
+        layer.set_rows(rows_mask)
+        return layer.mlp(x[rows].clone(), gate_up, down, norm, inter)
+
+    mixed = block(prompt, slice(None))
+    for row in range(7):
+        assert torch.equal(block(prompt[row : row + 1], slice(row, row + 1)), mixed[row : row + 1]), f"row {row}"
+    assert torch.equal(mixed[prompt], block(torch.ones(4, dtype=torch.bool), prompt))
+    int8_rows = linear.swiglu_block(layer.int8, x[~prompt].clone(), gate_up.int8, down.int8, norm, inter)
+    assert torch.equal(mixed[~prompt], int8_rows)
+    normed = torch.nn.functional.rms_norm(x, (hidden,), *norm)
+    gate, up = (normed @ w_gate_up.T).chunk(2, dim=1)
+    exact = x + (torch.nn.functional.silu(gate) * up) @ w_down.T
+    assert (mixed - exact).abs().max() < 3e-2 * exact.abs().max()
+
+
 def test_model_routes_by_role_and_a_decode_row_is_the_same_next_to_a_prefill(tiny_model_dir):
     runner = ModelRunner(ModelConfig.from_hf_dir(tiny_model_dir), tiny_model_dir, CacheConfig(4, 1024), dtype="int8")
     assert runner.model.prompt_rows_dense
