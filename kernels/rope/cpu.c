@@ -20,8 +20,11 @@ int rotate_and_store(float *qkv, int64_t rows, int64_t row_stride, const float *
     for (int64_t t = 0; t < rows; ++t)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
-    float rotated[MAX_HEAD_DIM];
+    /* rows split across threads (from 4 rows: one row costs less than waking a thread), each row's
+     * loops unchanged, so its bits too */
+#pragma omp parallel for schedule(static) if (rows >= 4)
     for (int64_t t = 0; t < rows; ++t) {
+        float rotated[MAX_HEAD_DIM];
         float *row = qkv + t * row_stride;
         const float *c = cos + t * head_dim, *s = sin + t * head_dim;
         for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
