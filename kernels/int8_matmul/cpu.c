@@ -133,6 +133,7 @@ int32_t int8_matmul_init(void) {
 int32_t int8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, int64_t n_pad, int64_t k_pad,
                     const int32_t *colsum, const float *col_scale, float inv_scale, float *y, int64_t y_stride) {
 #if HAVE_AMX
+    if (m == 0) return 0;
     const int64_t m_pad = (m + 31) / 32 * 32, m_blocks = m_pad / 32, n_blocks = n_pad / 32;
     uint8_t *q = aligned_alloc(64, (size_t)(m_pad * k_pad));
     if (!q) return -1;

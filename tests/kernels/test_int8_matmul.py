@@ -63,6 +63,12 @@ def test_amx_tiles_give_fbgemms_bits(shape, rows):
 
 
 @needs_amx
+def test_no_rows_is_no_work():
+    _, w_int8, w_scale = _weight(100, 70, 0.0, seed=9)
+    assert cpu.int8_matmul(AMX, torch.empty(0, 70), cpu.pack(w_int8, w_scale)).shape == (0, 100)
+
+
+@needs_amx
 def test_weights_carry_tiles_and_the_layer_gives_the_same_bits_either_way():
     weight, _, _ = _weight(960, 576, 1.0, seed=7)
     assert weight.tiles is not None, "AMX runs here, so quantize_weight packs tiles"
