@@ -8,6 +8,7 @@ mean acceptance length, per category; latency percentiles overall) and one JSON 
 the JSON to --out with PNG charts beside it (speedup by concurrency per method, latency percentiles).
 
     .venv/bin/python benchmarks/spec.py [--per-category 10] [--concurrency 1 4 8 16] [--max-tokens 128]
+                                        [--workload mixed|per-category]
 
 PaSS variants (`--pass-variants trained:two_call untrained:fused ...`): look-ahead embeddings and
 mode are server settings, so each variant gets its own ragged server and its rows are labelled
@@ -54,6 +55,24 @@ def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: 
     extra = {"speculative": {"method": method}}
     timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
     return summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")
+
+
+def measure_per_category(server: Server, prompts, method: str, concurrency: int, max_tokens: int,
+                         layout: str) -> list[dict]:
+    """Each category as its own load, its prompts repeated up to 2 x concurrency requests, so its rate
+    is its own: in the mixed load a category's e2e rate also counts the other clients' prompts, which
+    arrive sooner when speculation finishes those clients sooner. A category's tok/s is its load's
+    throughput; 'all' is every load's tokens over their summed wall time."""
+    extra = {"speculative": {"method": method}}
+    labels = {"layout": layout, "method": method, "concurrency": concurrency, "server": "main"}
+    rows, everything, walls = [], [], 0.0
+    for category in sorted({p["category"] for p in prompts}):
+        mine = [p for p in prompts if p["category"] == category]
+        load = (mine * -(-2 * concurrency // len(mine)))[: max(len(mine), 2 * concurrency)]
+        timings, wall = asyncio.run(run_load(server.url, load, concurrency, max_tokens, extra))
+        everything, walls = everything + timings, walls + wall
+        rows.append({**summarize(timings, wall, **labels)[0], "category": category})
+    return summarize(everything, walls, **labels)[:1] + rows
 
 
 def measure_side_by_side(server: Server, prompts, concurrency: int, max_tokens: int, label: str) -> list[dict]:
@@ -129,6 +148,8 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
     ap.add_argument("--pass-variants", nargs="*", default=[],
                     help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call : L)")
+    ap.add_argument("--workload", choices=["mixed", "per-category"], default="mixed",
+                    help="mixed: every category in one load; per-category: each category alone (measure_per_category)")
     ap.add_argument("--out", type=Path, default=RESULTS / "spec.json", help="result JSON; PNG charts go beside it")
     args = ap.parse_args()
 
@@ -141,7 +162,8 @@ def main() -> None:
                 for method in args.methods:
                     if layout == "padded" and method == "none":
                         continue  # no drafts, nothing to pad
-                    rows += measure(server, prompts, method, concurrency, args.max_tokens, layout)
+                    run = measure_per_category if args.workload == "per-category" else measure
+                    rows += run(server, prompts, method, concurrency, args.max_tokens, layout)
     with tempfile.TemporaryDirectory() as tmp:
         for label, flags in pass_variant_servers(args.pass_variants, args.server_args.split(), Path(tmp)):
             with Server("--kv-cache-tokens", "32768", *flags) as server:
@@ -151,7 +173,8 @@ def main() -> None:
     add_speedups(rows)
     print_table(rows, ["server", "layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
-    write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": rows},
+    write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens, "workload": args.workload,
+                   "rows": rows},
                   args.out)
 
 
