@@ -173,8 +173,8 @@ def main() -> None:
     add_speedups(rows)
     print_table(rows, ["server", "layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
-    write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens, "workload": args.workload,
-                   "rows": rows},
+    write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
+                   "workload": args.workload, "rows": rows},
                   args.out)
 
 

@@ -1,7 +1,8 @@
 """The int8 decoder layers of a decoding or verification step on the CPU: each layer's four int8
 matmuls from Python (`int8.matmul`: AMX tiles or fbgemm through TorchScript, the same bits), everything
-between them in one C call per gap (kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V store, attention, skip
-connections).
+between them in one C call per gap (kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V
+store, attention, skip connections). Where every weight has AMX tiles, each half layer is one C call
+with its matmuls inside (`decoder_attention_tiled`, `decoder_down_tiled`), the SwiGLU between them.
 
 Why: the layer-by-op path (LlamaModel._layer) makes ~25 Python-level calls per layer around its
 matmuls (kernel wrappers and their checks, views, allocations). perf on a batch-1 step of the default
@@ -167,6 +168,7 @@ class Int8Layers:
             for _, _, layer in self.layers:
                 _check(lib.decoder_attention_tiled(step, layer))
                 act = F.silu(gate).mul_(up)  # the layer-by-op path's expression: the same bits
+                assert act.stride(0) == inter, "the C side reads the SwiGLU rows packed"
                 _check(lib.decoder_down_tiled(step, layer, act.data_ptr()))
             return x
         # Each matmul's output is named until its C call returns: a temporary would be freed first.

@@ -45,7 +45,8 @@ def _ties(rows: int, width: int, seed: int) -> torch.Tensor:
 def test_the_reference_is_fbgemm_bit_for_bit(shape):
     weight, w_int8, w_scale = _weight(*shape, seed=1)
     for buf in (_buffer(9, shape[1], 2), _ties(16, shape[1], 3)):
-        assert torch.equal(ref.int8_matmul(buf[1:], w_int8, w_scale), _LINEAR_DYNAMIC(buf, weight.packed, REDUCE_RANGE)[1:])
+        fbgemm = _LINEAR_DYNAMIC(buf, weight.packed, REDUCE_RANGE)[1:]
+        assert torch.equal(ref.int8_matmul(buf[1:], w_int8, w_scale), fbgemm)
 
 
 @needs_amx

@@ -102,7 +102,8 @@ def test_the_fused_swiglu_block_gives_each_row_its_bits_in_any_mix():
     rows alike; int8 rows keep the per-linear block."""
     gen = torch.Generator().manual_seed(5)
     hidden, inter = 64, 96
-    w_gate_up, w_down = torch.randn(2 * inter, hidden, generator=gen) / 8, torch.randn(hidden, inter, generator=gen) / 10
+    w_gate_up = torch.randn(2 * inter, hidden, generator=gen) / 8
+    w_down = torch.randn(hidden, inter, generator=gen) / 10
     gate_up = linear.HybridWeight(linear.PROMPT_BF16.pack(w_gate_up), quantize_weight(w_gate_up, 1.0))
     down = linear.HybridWeight(linear.PROMPT_BF16.pack(w_down), quantize_weight(w_down, 1.0))
     norm = (torch.rand(hidden, generator=gen) + 0.5, 1e-5)
