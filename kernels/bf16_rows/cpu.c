@@ -1,9 +1,10 @@
 /* specd: the elementwise work around the bf16 prompt-row linears (engine/models/linear.py
  * onednn_bf16_blocks), written straight into the bf16 rows oneDNN reads: RMSNorm of the residual
  * stream, and SwiGLU between gate/up and down. torch did each as several passes over fp32 copies
- * (norm, cast; bf16 -> fp32 cast, silu, mul, cast back): ~15 ms of a 256-token prompt step on the
- * 2-core Intel guest. Rows split across threads, each row's loops sequential: a row's bits never
- * depend on the others (prompt rows need no more: they are never decoded). ref.py is the spec.
+ * (norm, cast; bf16 -> fp32 cast, silu, mul, cast back); with these a 256-token prompt step took
+ * ~89 ms against ~100 (2-core Intel guest, median of 25, back to back). Rows split across threads
+ * (kernels/rows.h), each row's loops sequential: a row's bits never depend on the others (prompt rows
+ * need no more: they are never decoded). ref.py is the spec.
  */
 #include <string.h>
 

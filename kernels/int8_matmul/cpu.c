@@ -2,7 +2,8 @@
  *
  * Why: a 16-request decode step spent half its time in fbgemm's int8 matmuls (perf: its JIT kernels
  * 37% of the step on the 2-core Intel dev CPU). AMX multiplies a 16x64 u8 tile by a 64x16 s8 tile in
- * one instruction, so 32 or 96 rows cost about what one row costs: reading the weights.
+ * one instruction, so the cost is mostly reading the weights: 30 layers of the default model, 16 rows
+ * 10.2 ms against one row's 9.2 (fbgemm: 21.4 and 9.5).
  *
  * Same bits as fbgemm's dynamic linear on the rowscale buffer (engine/models/int8.py): the activation
  * range is always [-1, 1] (the sentinel row), so the quantization parameters are fixed (scale 2/127,
@@ -53,12 +54,13 @@ static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* u8 rows of the activations: fbgemm's quantization (see the top), zero rows past m. */
+/* u8 rows of the activations: fbgemm's quantization (see the top), zero rows past m. Called inside
+ * the matmul's parallel region: its rows are shared among the threads (one fork per matmul). */
 static void quantize_rows(const float *x, int64_t m, int64_t m_pad, int64_t k, int64_t k_pad, float inv_scale,
                           uint8_t *q) {
     const __m512 inv = _mm512_set1_ps(inv_scale), zp = _mm512_set1_ps((float)ZERO_POINT);
     const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps((float)QMAX);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < m_pad; ++r) {
         uint8_t *dst = q + r * k_pad;
         if (r >= m) {
@@ -137,11 +139,11 @@ int32_t int8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, int64
     const int64_t m_pad = (m + 31) / 32 * 32, m_blocks = m_pad / 32, n_blocks = n_pad / 32;
     uint8_t *q = aligned_alloc(64, (size_t)(m_pad * k_pad));
     if (!q) return -1;
-    quantize_rows(x, m, m_pad, k, k_pad, inv_scale, q);
     /* Blocks in column-major order: a thread's consecutive blocks share their weight tiles (from L2). */
 #pragma omp parallel
     {
         int32_t acc[32 * 32] __attribute__((aligned(64)));
+        quantize_rows(x, m, m_pad, k, k_pad, inv_scale, q); /* its `omp for` ends in a barrier */
         configure_tiles();
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n_blocks * m_blocks; ++b) {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../half.h"
+#include "../rows.h"
 
 #define MAX_HEAD_DIM 512
 
@@ -20,9 +21,8 @@ int rotate_and_store(float *qkv, int64_t rows, int64_t row_stride, const float *
     for (int64_t t = 0; t < rows; ++t)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
-    /* rows split across threads (from 4 rows: one row costs less than waking a thread), each row's
-     * loops unchanged, so its bits too */
-#pragma omp parallel for schedule(static) if (rows >= 4)
+    /* rows split across threads (kernels/rows.h), each row's loops unchanged, so its bits too */
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t t = 0; t < rows; ++t) {
         float rotated[MAX_HEAD_DIM];
         float *row = qkv + t * row_stride;

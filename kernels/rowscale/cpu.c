@@ -4,13 +4,12 @@
  * Every row is computed by the same sequential loops whatever else is in the batch (no reassociation:
  * built with -fno-fast-math -ffp-contract=off; rows, never a row's loops, are split across threads),
  * so a row's bits never depend on its neighbours. That is what keeps speculative decoding lossless
- * under int8. Threads only from PARALLEL_ROWS rows on: a batch-1 step makes 240 of these calls, where
- * waking a second thread costs more than the row.
+ * under int8. Threads only from PARALLEL_ROWS rows on (kernels/rows.h).
  */
 #include <math.h>
 #include <stdint.h>
 
-#define PARALLEL_ROWS 4
+#include "../rows.h"
 
 /* 1 / RMS of a row, its squares summed in order. */
 static float row_inv_rms(const float *x, int64_t width, float eps) {
