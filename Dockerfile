@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # specd: CPU image by default, the default model baked in, running as a non-root user.
 #
 #   docker build -t specd:0.1.0 .

@@ -160,8 +160,8 @@ def main() -> None:
             asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
             for concurrency in args.concurrency:
                 for method in args.methods:
-                    if layout == "padded" and method == "none":
-                        continue  # no drafts, nothing to pad
+                    if layout == "padded" and (method == "none" or concurrency == 1):
+                        continue  # no drafts, or no other request: nothing to pad
                     run = measure_per_category if args.workload == "per-category" else measure
                     rows += run(server, prompts, method, concurrency, args.max_tokens, layout)
     with tempfile.TemporaryDirectory() as tmp:
