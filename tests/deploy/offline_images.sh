@@ -11,7 +11,7 @@ ROOTFS=${ROOTFS:-/tmp/specd-rootfs}
 PORT=${PORT:-8765}
 command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
 [ -x "$ROOTFS/usr/bin/python3" ] || debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$ROOTFS" http://deb.debian.org/debian >/dev/null
+    bookworm "$ROOTFS" >/dev/null
 mkdir -p "$ROOTFS/usr/local/share/ca-certificates"
 cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/" 2>/dev/null || true
 chroot "$ROOTFS" update-ca-certificates >/dev/null
