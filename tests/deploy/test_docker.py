@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "specd:0.1.0"  # the tag docker-compose.yml's specd service runs
 MODEL = "SmolLM2-135M-Instruct"
@@ -46,12 +48,6 @@ def logs(container: str) -> str:
     """The container's output: specd logs to stderr, which `docker logs` replays on its own stderr."""
     done = subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=60)
     return done.stdout + done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(container: str, timeout: float = 300) -> None:
@@ -113,13 +109,9 @@ def test_docker_stop_lets_the_in_flight_request_finish(container):
     worker = threading.Thread(target=lambda: result.update(complete(base, "1, 2, 3, 4, 5,", 300)))
     worker.start()
     deadline = time.monotonic() + 60
-    while "running" not in result and time.monotonic() < deadline:
-        metrics = httpx.get(f"{base}/metrics").text
-        if any(line.startswith("specd_requests_running ") and not line.endswith(" 0.0")
-               for line in metrics.splitlines()):
-            result["running"] = True
+    while "specd_requests_running 1.0" not in httpx.get(f"{base}/metrics").text.splitlines():
+        assert time.monotonic() < deadline and not result, "the request was never seen running"
         time.sleep(0.05)
-    assert result.pop("running", False), "the request never started"
     docker("stop", "--time", "120", name, timeout=180)  # SIGTERM: drain, then exit
     worker.join(timeout=60)
     assert result["usage"]["completion_tokens"] == 300, result
