@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from engine.spec.controller import FAIRNESS
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
 PASS_MODES = ("fused", "two_call")
@@ -135,6 +137,12 @@ class EngineConfig:
     """ragged (EMS-SD, no padding) | padded (the vanilla baseline, for benchmarks only)."""
     spec_adaptive: bool = True
     """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
+    spec_fairness: float = FAIRNESS
+    """The least expected decoding rate, over its plain rate, a draft plan may leave any request of
+    the batch (engine/spec/controller.py); 0 maximises the batch's tokens alone. The trade-off, fp32
+    on the 2-core CPU, Spec-Bench mixed load (benchmarks/results/spec_cpu.txt, session 15): 0 gave
+    `ngram` 1.32-1.34x `none` at 8 clients against 1.17-1.20x, and 1.16-1.18x at 16 against
+    1.11-1.13x, but MT-bench requests at 16 clients 0.78x `none` against 0.85-0.90x."""
     jacobi_config: str | None = None
     """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
     pass_artifact: str | None = None
@@ -168,6 +176,8 @@ class EngineConfig:
             raise ValueError("pass_lookahead must be >= 1")
         if self.spec == "pass" and self.spec_layout == "padded":
             raise ValueError("--spec pass is not available with --spec-layout padded")
+        if not 0.0 <= self.spec_fairness <= 1.0:
+            raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
         if not 0 <= self.num_draft_tokens <= 64:
             raise ValueError("num_draft_tokens must be between 0 and 64")
 

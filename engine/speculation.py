@@ -155,7 +155,7 @@ class Speculator:
         self.default_method = config.spec
         self.num_draft_tokens = config.num_draft_tokens
         self.padded = config.spec_layout == "padded"
-        self.controller = DraftController(adaptive=config.spec_adaptive)
+        self.controller = DraftController(adaptive=config.spec_adaptive, fairness=config.spec_fairness)
         self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
         self.proposers.update(_optional_proposers(config))
         self.proposers.update(_pass_proposer(config, model_dir))

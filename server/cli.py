@@ -45,6 +45,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="padded = the vanilla baseline, for benchmarks")
     p.add_argument("--no-spec-adaptive", action="store_true",
                    help="verify every proposed draft instead of letting measured costs cut them")
+    p.add_argument("--spec-fairness", type=float, default=EngineConfig.spec_fairness,
+                   help="least expected rate, over plain decoding, a draft plan may leave any request (0: "
+                        "maximise batch throughput)")
     p.add_argument("--jacobi-config", default=None, help="YAML with the TR-Jacobi tree shape")
     p.add_argument("--pass-artifact", default=None,
                    help="PaSS look-ahead embeddings (default: artifacts/pass/<model>.safetensors if present)")
@@ -80,7 +83,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, spec=args.spec, cache_dir=args.cache_dir,
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
-        spec_adaptive=not args.no_spec_adaptive, jacobi_config=args.jacobi_config,
+        spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -30,7 +30,8 @@ draft only pays when it is likely to be accepted. The controller therefore
   a plain step, so on a CPU, where rows cost step time, a mixed batch drafts little; where rows are
   nearly free (a GPU) it drafts as before. (Measured after it: MT-bench still 0.85-0.92x at 8 and
   16 clients; the controller's own predictions say its plans are fair, so what is left is their
-  error or something outside the plan: spec_cpu.txt, session 12.)
+  error or something outside the plan: spec_cpu.txt, session 12.) `--spec-fairness` sets the share;
+  0 turns the rule off, for more throughput (spec_cpu.txt, session 15).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each re
 ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
 EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
 EXPLORE_AFTER = 8  # offers without a verified draft before a request retries; draftless plans before a probe
-FAIRNESS = 0.96  # the least expected rate, over its plain rate, a plan may leave any decoding request
+FAIRNESS = 0.96  # default least expected rate, over its plain rate, a plan may leave any decoding request
 
 
 class StepCostModel:
@@ -146,10 +147,12 @@ class AcceptanceStats:
 
 
 class DraftController:
-    def __init__(self, cost_model: StepCostModel | None = None, adaptive: bool = True):
+    def __init__(self, cost_model: StepCostModel | None = None, adaptive: bool = True, fairness: float = FAIRNESS):
         self.cost_model = cost_model or StepCostModel()
         self.adaptive = adaptive
         """False: always verify every proposed draft (for measuring, and for tests)."""
+        self.fairness = fairness
+        """0: maximise the batch's tokens alone (--spec-fairness; the trade-off is in EngineConfig)."""
         self.method_stats: dict[str, AcceptanceStats] = {}
         self._plans_since_draft = 0  # plans in a row that verified no draft at all (probe pacing)
 
@@ -196,8 +199,8 @@ class DraftController:
             request_gain[rid] = request_gain.get(rid, 0.0) + gain
             cost = model.cost(num_base_rows + total_rows) + model.attention(base_key_rows + key_rows)
             least_gain = 0.0 if without_drafts else min(request_gain.values())
-            if (1.0 + least_gain) * base_cost < FAIRNESS * cost:
-                continue  # some request would decode slower than FAIRNESS x plain
+            if (1.0 + least_gain) * base_cost < self.fairness * cost:
+                continue  # some request would decode slower than fairness x plain
             rate = (num_base_rows + total_gain) / cost
             if rate > best_rate:
                 best_count, best_rate = count, rate

@@ -198,3 +198,33 @@ def test_draft_rows_pay_for_the_keys_they_attend_to():
     before = model.cost(16)
     model.observe(16, before + model.attention(16 * 4000), key_rows=16 * 4000)
     assert model.cost(16) == pytest.approx(before)
+
+
+def test_fairness_zero_lets_good_drafts_buy_rows_a_draftless_neighbour_pays_for():
+    """--spec-fairness: with a request that has nothing to draft beside it, the default keeps the
+    step within 1/0.96 of a plain one; 0 plans for the batch's tokens alone and drafts more."""
+    plans = {}
+    for fairness in (0.96, 0.0):
+        controller = DraftController(StepCostModel(CPU_LIKE), fairness=fairness)
+        good = make_request("good")
+        for _ in range(20):
+            controller.record(good, "ngram", 5, 5)
+        plans[fairness] = controller.plan({"good": (good, "ngram", [1, 2, 3, 4, 5])}, num_base_rows=8)
+    assert sum(plans[0.0].values()) > sum(plans[0.96].values())
+    assert plans[0.0] == {"good": 5}
+
+
+@pytest.mark.parametrize("fairness", [-0.1, 1.5])
+def test_fairness_outside_zero_to_one_is_refused(fairness):
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="spec_fairness"):
+        EngineConfig(spec_fairness=fairness)
+
+
+def test_spec_fairness_flag_reaches_the_engine_config():
+    from server.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--spec-fairness", "0"])
+    assert engine_config(args).spec_fairness == 0.0
+    assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.96
