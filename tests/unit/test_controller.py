@@ -228,3 +228,44 @@ def test_spec_fairness_flag_reaches_the_engine_config():
     args = build_parser().parse_args(["serve", "--spec-fairness", "0"])
     assert engine_config(args).spec_fairness == 0.0
     assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.96
+
+
+def retry_steps(controller: DraftController, request: Request, steps: int, accepted) -> list[int]:
+    """Steps at which `request` (offered 3 drafts alone each step) was given drafts; each verify
+    accepts accepted(step) of them."""
+    offer = {request.request_id: (request, "ngram", [1, 2, 3])}
+    given = []
+    for step in range(steps):
+        kept = controller.plan(offer, num_base_rows=1).get(request.request_id, 0)
+        if kept:
+            given.append(step)
+            controller.record(request, "ngram", kept, accepted(step))
+    return given
+
+
+def test_retries_that_accept_nothing_back_off():
+    """A request whose drafts never pay (MT-bench under prompt lookup, PaSS on a small model) retries
+    after EXPLORE_AFTER offers at first, then ever more rarely: retrying for good cost 2-4%."""
+    from engine.spec.controller import EXPLORE_AFTER, EXPLORE_AFTER_MAX
+
+    controller = DraftController(StepCostModel(CPU_LIKE))
+    request = make_request("r")
+    for _ in range(10):
+        controller.record(request, "ngram", 5, 0)
+    given = retry_steps(controller, request, 400, accepted=lambda step: 0)
+    gaps = [b - a for a, b in zip(given, given[1:])]
+    assert given[0] == EXPLORE_AFTER and gaps[0] == 2 * EXPLORE_AFTER + 1 and gaps == sorted(gaps), given
+    assert gaps[-1] == EXPLORE_AFTER_MAX + 1, gaps
+    assert len(given) <= 12, "at most ~8 retries in 400 steps, not one per 9 steps"
+
+
+def test_a_retry_that_accepts_resets_the_wait():
+    from engine.spec.controller import EXPLORE_AFTER
+
+    controller = DraftController(StepCostModel(CPU_LIKE))
+    request = make_request("r")
+    for _ in range(10):
+        controller.record(request, "ngram", 5, 0)
+    given = retry_steps(controller, request, 120, accepted=lambda step: 0 if step < 30 else 1)
+    first_accepting = next(step for step in given if step >= 30)
+    assert given[given.index(first_accepting) + 1] - first_accepting <= EXPLORE_AFTER + 1, given
