@@ -9,11 +9,10 @@ draft only pays when it is likely to be accepted. The controller therefore
 - keeps, per request, the acceptance probability of one more draft: alpha = accepted / (accepted +
   rejections), the maximum-likelihood estimate of a geometric acceptance run, started from the
   method's running average; a request with no record of its own, or one that has not verified a
-  draft for a while (EXPLORE_AFTER steps, doubling after each such retry that accepts nothing:
-  `_may_retry`), is judged at least EXPLORE_ALPHA, so one bad category earlier in
+  draft for EXPLORE_AFTER steps, is judged at least EXPLORE_ALPHA, so one bad category earlier in
   the server's life (creative writing for prompt lookup) cannot stop a translation request from
   ever finding out that its drafts are accepted; and when even that plans no draft for
-  EXPLORE_AFTER plans running, a request that may retry verifies one draft anyway (a probe: at most one
+  EXPLORE_AFTER plans running, an idle request verifies one draft anyway (a probe: at most one
   draft per EXPLORE_AFTER + 1 steps for the whole batch, the cost curve being the batch's):
   decode steps teach the cost curve only what one row costs, so a start-up calibration that caught
   a slow moment for 2+ rows (2 rows at 1.6-1.8x one row, where a quiet step costs ~1.1x) otherwise
@@ -48,18 +47,8 @@ ATTENTION_CALIBRATION = (16, 512)  # rows, context keys: the attention term's st
 PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate
 ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
 EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
-EXPLORE_AFTER = 8  # offers without a verified draft before a request first retries; draftless plans before a probe
-EXPLORE_AFTER_MAX = 64  # the longest wait between a request's retries (each that accepts nothing doubles it)
+EXPLORE_AFTER = 8  # offers without a verified draft before a request retries; draftless plans before a probe
 FAIRNESS = 0.96  # default least expected rate, over its plain rate, a plan may leave any decoding request
-
-
-def _may_retry(request: Request) -> bool:
-    """Idle long enough to be judged at EXPLORE_ALPHA again: EXPLORE_AFTER offers at first, twice as
-    many after each retry that accepted nothing (up to EXPLORE_AFTER_MAX), EXPLORE_AFTER again after
-    one that accepted a draft. Retrying every EXPLORE_AFTER offers for good cost PaSS, whose drafts
-    this model rarely gets right, 2-4% against `none` (int8, 1 and 8 clients: 0.979x / 0.963x with
-    retries and probes, 1.016x / 0.978x with neither; pass_cpu.txt, session 15)."""
-    return request.state.get("draft_idle_steps", 0) >= request.state.get("explore_after", EXPLORE_AFTER)
 
 
 class StepCostModel:
@@ -170,16 +159,13 @@ class DraftController:
     def alpha(self, request: Request, method: str) -> float:
         prior = self.method_stats.setdefault(method, AcceptanceStats()).alpha()
         stats: AcceptanceStats | None = request.state.get("acceptance")
-        if stats is None or _may_retry(request):
+        if stats is None or request.state.get("draft_idle_steps", 0) >= EXPLORE_AFTER:
             return max(EXPLORE_ALPHA, stats.alpha(prior) if stats is not None else prior)
         return stats.alpha(prior)
 
     def record(self, request: Request, method: str, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
             return
-        if request.state.pop("retrying", False):
-            wait = request.state.get("explore_after", EXPLORE_AFTER)
-            request.state["explore_after"] = EXPLORE_AFTER if num_accepted else min(2 * wait, EXPLORE_AFTER_MAX)
         request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
         self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
 
@@ -223,13 +209,12 @@ class DraftController:
             keep[rid] = keep.get(rid, 0) + 1
         self._plans_since_draft = 0 if keep else self._plans_since_draft + 1
         if self._plans_since_draft > EXPLORE_AFTER:  # a probe: the curve learns only from rows it sees
-            probe = next((rid for _, _, rid, _ in gains if _may_retry(proposals[rid][0])), None)
+            probe = next((rid for _, _, rid, _ in gains
+                          if proposals[rid][0].state.get("draft_idle_steps", 0) >= EXPLORE_AFTER), None)
             if probe is not None:
                 keep[probe] = 1
                 self._plans_since_draft = 0
         for rid, (request, _, _) in proposals.items():
-            if rid in keep and _may_retry(request):
-                request.state["retrying"] = True  # record() backs its next retry off if this one fails
             request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1
         return keep
 
