@@ -228,3 +228,10 @@ def test_spec_fairness_flag_reaches_the_engine_config():
     args = build_parser().parse_args(["serve", "--spec-fairness", "0"])
     assert engine_config(args).spec_fairness == 0.0
     assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.96
+
+
+def test_spec_fairness_out_of_range_stops_serve_with_a_message(capsys):
+    from server.cli import main
+
+    assert main(["serve", "--spec-fairness", "2"]) == 2
+    assert "spec_fairness must be between 0 and 1" in capsys.readouterr().err
