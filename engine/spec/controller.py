@@ -166,6 +166,7 @@ class DraftController:
     def record(self, request: Request, method: str, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
             return
+        request.state["draft_idle_steps"] = 0
         request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
         self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
 
@@ -214,8 +215,14 @@ class DraftController:
             if probe is not None:
                 keep[probe] = 1
                 self._plans_since_draft = 0
+        # Idle steps end when drafts are verified (record), not when they are planned: a PaSS
+        # two_call retry plans a drafting step (look-ahead rows, nothing verified) and must still be
+        # a retry when its drafts come up for validation the step after. Reset here, the retry's
+        # boost was gone by then and the controller refused every validation: one in 126 plans of a
+        # request verified anything, while every 9th step paid for a look-ahead row (session 15).
         for rid, (request, _, _) in proposals.items():
-            request.state["draft_idle_steps"] = 0 if rid in keep else request.state.get("draft_idle_steps", 0) + 1
+            if rid not in keep:
+                request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
         return keep
 
     def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float) -> float | None:

@@ -140,9 +140,34 @@ def test_a_request_that_stopped_drafting_retries_after_a_while():
     for _ in range(10):
         controller.record(request, "ngram", 5, 0)
     offer = {"r": (request, "ngram", [1, 2, 3])}
-    plans = [controller.plan(offer, num_base_rows=1).get("r", 0) for _ in range(20)]
+    plans = []
+    for _ in range(20):
+        plans.append(controller.plan(offer, num_base_rows=1).get("r", 0))
+        controller.record(request, "ngram", plans[-1], 0)  # the engine verifies what was planned
     assert plans[0] == 0 and any(plans), plans
     assert sum(1 for k in plans if k) <= 3, "exploration must stay rare"
+
+
+def test_a_pass_retry_is_still_a_retry_when_its_drafts_come_up_for_validation():
+    """PaSS two_call: a retry plans a drafting step (look-ahead rows; nothing verified, so nothing
+    recorded), and its drafts come up for validation the step after. Idle steps end only when drafts
+    are verified, so the validation is judged as the retry it is; ending them at the drafting plan
+    refused every validation (1 in 126 plans verified anything) while each retry paid a row."""
+    controller = DraftController(StepCostModel(CPU_LIKE))
+    request = make_request("r")
+    for _ in range(10):
+        controller.record(request, "pass", 1, 0)  # drafts this model rarely gets right
+    offer = {"r": (request, "pass", [1])}
+    validations = 0
+    for _ in range(60):
+        drafting = controller.plan(offer, num_base_rows=1, rows_per_draft={"pass": 2.0}).get("r", 0)
+        controller.record(request, "pass", 0, 0)  # the drafting step verifies nothing
+        if drafting:
+            kept = controller.plan(offer, num_base_rows=1, rows_per_draft={"pass": 2.0}).get("r", 0)
+            controller.record(request, "pass", kept, 0)
+            validations += bool(kept)
+            assert kept, "the retry's validation was refused"
+    assert 1 <= validations <= 60 // 8
 
 
 def test_probes_repair_a_calibration_that_says_drafts_never_pay():
