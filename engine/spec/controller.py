@@ -215,11 +215,12 @@ class DraftController:
             if probe is not None:
                 keep[probe] = 1
                 self._plans_since_draft = 0
-        # Idle steps end when drafts are verified (record), not when they are planned: a PaSS
-        # two_call retry plans a drafting step (look-ahead rows, nothing verified) and must still be
-        # a retry when its drafts come up for validation the step after. Reset here, the retry's
-        # boost was gone by then and the controller refused every validation: one in 126 plans of a
-        # request verified anything, while every 9th step paid for a look-ahead row (session 15).
+        # Idle steps end when drafts are verified (record), not when they are planned. A PaSS
+        # two_call retry plans a drafting step (look-ahead rows, nothing verified), and its drafts
+        # come up for validation the step after; that must still count as the retry. When the reset
+        # was here, the retry's boost was gone by the validation, which the controller then refused:
+        # 1 in 126 plans of a request verified anything, while every ~9th step paid for a look-ahead
+        # row (session 15).
         for rid, (request, _, _) in proposals.items():
             if rid not in keep:
                 request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
