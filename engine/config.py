@@ -139,10 +139,8 @@ class EngineConfig:
     """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
     spec_fairness: float = FAIRNESS
     """The least expected decoding rate, over its plain rate, a draft plan may leave any request of
-    the batch (engine/spec/controller.py); 0 maximises the batch's tokens alone. The trade-off, fp32
-    on the 2-core CPU, Spec-Bench mixed load (benchmarks/results/spec_cpu.txt, session 15): 0 gave
-    `ngram` 1.32-1.34x `none` at 8 clients against 1.17-1.20x, and 1.16-1.18x at 16 against
-    1.11-1.13x, but MT-bench requests at 16 clients 0.78x `none` against 0.85-0.90x."""
+    the batch (engine/spec/controller.py); 0 maximises the batch's tokens alone: more throughput,
+    slower chat beside code at 16 clients (measured trade-off: README, spec_cpu.txt session 15)."""
     jacobi_config: str | None = None
     """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
     pass_artifact: str | None = None

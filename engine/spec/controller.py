@@ -152,7 +152,7 @@ class DraftController:
         self.adaptive = adaptive
         """False: always verify every proposed draft (for measuring, and for tests)."""
         self.fairness = fairness
-        """0: maximise the batch's tokens alone (--spec-fairness; the trade-off is in EngineConfig)."""
+        """0: maximise the batch's tokens alone (--spec-fairness)."""
         self.method_stats: dict[str, AcceptanceStats] = {}
         self._plans_since_draft = 0  # plans in a row that verified no draft at all (probe pacing)
 
