@@ -154,6 +154,8 @@ class Int8Layers:
         st.max_blocks, st.num_reqs, st.req_ids = plan.block_tables.shape[1], plan.req_ids.numel(), plan.req_ids.data_ptr()
         st.tree_mask, st.cu_tree_mask = _ptr(plan.tree_mask), _ptr(plan.cu_tree_mask)
         st.prompt_rows = _ptr(plan.prompt_rows)
+        st.hidden_keys = _ptr(plan.hidden_keys)
+        st.hidden_stride = 0 if plan.hidden_keys is None else plan.hidden_keys.shape[1]
         if self.tiled:
             st.y = self._buffer("y", 2 * rows + 1, self.y_width).data_ptr()
         return keep, in_hidden[: 2 * rows + 1], in_inter[: 2 * rows + 1], gate_up[:rows]

@@ -43,12 +43,18 @@ def plan_attention(
     cu_tree_mask: torch.Tensor | None = None,  # [batch + 1]
     row_exact: bool = False,
     prompt_rows: list[int] | None = None,  # [batch]: leading new rows that are prompt tokens (the C kernel's)
+    hidden_keys: torch.Tensor | None = None,  # [batch, width] bool: the padded-KV baseline's padding (ref.py)
 ):
     """The step's attention plan for the backend its tensors go to (shared by all layers)."""
     impl = _impl(block_tables, row_exact)
     if impl is cpu:
         return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
-                                   tree_mask, cu_tree_mask, prompt_rows)
+                                   tree_mask, cu_tree_mask, prompt_rows, hidden_keys)
+    if impl is ref:
+        return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
+                                   tree_mask, cu_tree_mask, hidden_keys)
+    if hidden_keys is not None:  # a CPU benchmark baseline; the Triton kernel has no padded cache
+        raise ValueError("hidden keys (--spec-layout padded-kv) need the CPU attention kernels")
     return impl.plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv,
                                tree_mask, cu_tree_mask)
 

@@ -376,16 +376,23 @@ static inline float max_of(const float *s, int64_t n) {
 }
 
 /* A row's scores s[0..row_keys) -> exp(score - max); keys its tree row does not see (seen[n] == 0 for
- * new key n) exactly 0. */
-static void softmax_numerators(float *s, int64_t row_keys, const uint8_t *seen, int64_t ctx, int64_t q_len) {
+ * new key n) and hidden context keys (hidden[k] != 0, the padded-KV baseline's padding) exactly 0. */
+static void softmax_numerators(float *s, int64_t row_keys, const uint8_t *seen, const uint8_t *hidden, int64_t ctx,
+                               int64_t q_len) {
     if (seen)
         for (int64_t n = 0; n < q_len; ++n)
             if (!seen[n]) s[ctx + n] = -INFINITY;
+    if (hidden)
+        for (int64_t k = 0; k < ctx; ++k)
+            if (hidden[k]) s[k] = -INFINITY;
     float max_score = max_of(s, row_keys);
     for (int64_t k = 0; k < row_keys; ++k) s[k] = exp_nonpositive(s[k] - max_score);
     if (seen)
         for (int64_t n = 0; n < q_len; ++n)
             if (!seen[n]) s[ctx + n] = 0.0f;
+    if (hidden)
+        for (int64_t k = 0; k < ctx; ++k)
+            if (hidden[k]) s[k] = 0.0f;
 }
 
 /* One request, query heads g0..g1 of the group sharing KV head kv_head, new rows j0..j1. A causal row j sees keys
@@ -397,7 +404,7 @@ static void softmax_numerators(float *s, int64_t row_keys, const uint8_t *seen, 
 static inline __attribute__((always_inline)) void attend_rows_t(const int HALF, const float *q, int64_t q_stride,
         const void *k_cache, const void *v_cache, const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0,
         int64_t j1, int64_t kv_len, int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
-        int64_t head_dim, float scale, const uint8_t *tree, float *scores, float *out) {
+        int64_t head_dim, float scale, const uint8_t *tree, const uint8_t *hidden, float *scores, float *out) {
     int64_t ctx = kv_len - q_len, block = j1 - j0;
     int64_t last_key = tree ? kv_len : ctx + j1;
     for (int64_t k = 0; k < last_key; k += 4) {
@@ -429,7 +436,7 @@ static inline __attribute__((always_inline)) void attend_rows_t(const int HALF, 
         int64_t row_keys = tree ? kv_len : ctx + j + 1;
         const uint8_t *seen = tree ? tree + j * q_len : NULL; /* new key n visible iff seen[n] */
         for (int64_t g = g0; g < g1; ++g)
-            softmax_numerators(scores + (g * block + j - j0) * kv_len, row_keys, seen, ctx, q_len);
+            softmax_numerators(scores + (g * block + j - j0) * kv_len, row_keys, seen, hidden, ctx, q_len);
         for (int64_t g = g0; g < g1; g += MIX_HEADS) {
             int64_t nh = g1 - g < MIX_HEADS ? g1 - g : MIX_HEADS;
             const float *p[MIX_HEADS];
@@ -448,13 +455,14 @@ static inline __attribute__((always_inline)) void attend_rows_t(const int HALF, 
 static void attend_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int64_t half,
                         const int64_t *rows, int64_t q0, int64_t q_len, int64_t j0, int64_t j1, int64_t kv_len,
                         int64_t kv_head, int64_t group, int64_t g0, int64_t g1, int64_t num_heads,
-                        int64_t head_dim, float scale, const uint8_t *tree, float *scores, float *out) {
+                        int64_t head_dim, float scale, const uint8_t *tree, const uint8_t *hidden, float *scores,
+                        float *out) {
     if (half)
         attend_rows_t(1, q, q_stride, k_cache, v_cache, rows, q0, q_len, j0, j1, kv_len, kv_head, group, g0, g1,
-                      num_heads, head_dim, scale, tree, scores, out);
+                      num_heads, head_dim, scale, tree, hidden, scores, out);
     else
         attend_rows_t(0, q, q_stride, k_cache, v_cache, rows, q0, q_len, j0, j1, kv_len, kv_head, group, g0, g1,
-                      num_heads, head_dim, scale, tree, scores, out);
+                      num_heads, head_dim, scale, tree, hidden, scores, out);
 }
 
 #ifdef WIDE
@@ -485,7 +493,7 @@ static void attend_prompt_rows(const float *q, int64_t q_stride, const float *kt
         }
         for (int64_t k0 = 0; k0 < keys; k0 += 64) score_tile(qs, nq, kt, stride, k0, head_dim, scale, ps);
         for (int64_t u = 0; u < nq; ++u) {
-            softmax_numerators(ps[u], row_keys[u], NULL, ctx, 0);
+            softmax_numerators(ps[u], row_keys[u], NULL, NULL, ctx, 0);
             for (int64_t k = row_keys[u]; k < keys; ++k) ps[u][k] = 0.0f; /* past its row: adds nothing */
         }
         if (half) mix_values_wide(1, (const float *const *)ps, nq, v_cache, rows, kv_head, head_dim, keys, outs);
@@ -513,6 +521,8 @@ struct step {
     const int64_t *req_ids, *key_rows, *key_offsets; /* key_rows of request r at key_offsets[r] */
     const uint8_t *tree_mask;
     const int64_t *cu_tree_mask;
+    const uint8_t *hidden_keys; /* [batch, hidden_stride] or NULL */
+    int64_t hidden_stride;
     float scale, *out;
     const struct unit *units;
     int64_t num_units, next_unit, has_prompt_units; /* next_unit: atomic */
@@ -588,6 +598,7 @@ static void *run_units(void *arg) {
         int64_t b = st->req_ids[u->r], q0 = st->cu_q[b], q_len = st->cu_q[b + 1] - q0, kv_len = st->kv_lens[b];
         const uint8_t *tree = NULL;
         if (st->tree_mask && st->cu_tree_mask[b + 1] > st->cu_tree_mask[b]) tree = st->tree_mask + st->cu_tree_mask[b];
+        const uint8_t *hidden = st->hidden_keys ? st->hidden_keys + b * st->hidden_stride : NULL;
         const void *k_cache = st->k_cache, *v_cache = st->v_cache;
         const int64_t *rows = st->key_rows + st->key_offsets[u->r];
         int64_t last = tree ? kv_len : kv_len - q_len + u->j1; /* the keys this unit's rows see */
@@ -607,7 +618,7 @@ static void *run_units(void *arg) {
             k_cache = k_buf, v_cache = v_buf, rows = scratch_rows;
         }
         attend_rows(st->q, st->q_stride, k_cache, v_cache, in_place, rows, q0, q_len, u->j0, u->j1, kv_len, u->kv_head,
-                    st->group, u->g0, u->g1, st->num_heads, d, st->scale, tree, scores, st->out);
+                    st->group, u->g0, u->g1, st->num_heads, d, st->scale, tree, hidden, scores, st->out);
     }
     if (missing) __atomic_store_n(&st->failed, 1, __ATOMIC_RELAXED);
     free(scores), free(k_buf), free(v_buf), free(scratch_rows), free(kt), free(tile);
@@ -630,15 +641,16 @@ static int64_t prompt_rows_of(const int32_t *prompt_rows, const uint8_t *tree_ma
 /* Attention of the requests req_ids[0..num_reqs) (each with q_len >= 1); writes their rows of out
  * (packed [rows, num_heads, head_dim]). q's rows are q_stride floats apart, heads packed in a row.
  * The caches hold fp32, or fp16 when kv_half. prompt_rows (or NULL): per request, how many of its
- * leading new rows are prompt tokens. Up to num_threads threads (this one included) share the work
- * when there is enough of it. Returns 0, or -1 when memory or a thread could not be had or fp16 is
- * asked of a build without it. */
+ * leading new rows are prompt tokens. hidden_keys (or NULL): [batch, hidden_stride] bytes, nonzero = a
+ * context key no row of that request sees (the padded-KV baseline's padding; never with prompt rows).
+ * Up to num_threads threads (this one included) share the work when there is enough of it. Returns
+ * 0, or -1 when memory or a thread could not be had or fp16 is asked of a build without it. */
 int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                          const int32_t *cu_q, const int32_t *kv_lens, const int32_t *block_tables, int64_t max_blocks,
                          const int64_t *req_ids, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t block_size, float scale, const uint8_t *tree_mask,
-                         const int64_t *cu_tree_mask, const int32_t *prompt_rows, float *out, int64_t num_threads,
-                         int64_t kv_half) {
+                         const int64_t *cu_tree_mask, const int32_t *prompt_rows, const uint8_t *hidden_keys,
+                         int64_t hidden_stride, float *out, int64_t num_threads, int64_t kv_half) {
     if (kv_half && !KV_HALF_SUPPORTED) return -1;
     int64_t group = num_heads / num_kv_heads, max_scores = 1, total_keys = 0, work = 0, row_blocks = 0, max_kv = 1;
     int64_t has_prompt_units = 0;
@@ -692,8 +704,8 @@ int paged_attention_rows(const float *q, int64_t q_stride, const void *k_cache, 
         offset += kv_lens[b];
     }
     struct step st = {q, k_cache, v_cache, q_stride, num_heads, num_kv_heads, head_dim, group, max_scores, max_kv,
-                      kv_half, cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, scale, out,
-                      units, num_units, 0, has_prompt_units, 0};
+                      kv_half, cu_q, kv_lens, req_ids, key_rows, key_offsets, tree_mask, cu_tree_mask, hidden_keys,
+                      hidden_stride, scale, out, units, num_units, 0, has_prompt_units, 0};
     int64_t helpers = threads_wanted - 1 < num_units - 1 ? threads_wanted - 1 : num_units - 1;
     helpers = helpers < MAX_THREADS ? helpers : MAX_THREADS;
 #ifdef _OPENMP

@@ -22,8 +22,8 @@ from kernels.rope.cpu import kv_half_supported  # the same kernels/half.h, built
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = (
     ("paged_attention_rows",
-     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, I32P, F32P, I64,
-      I64),
+     (F32P, I64, F32P, F32P, I32P, I32P, I32P, I64, I64P, I64, I64, I64, I64, I64, F32, U8P, I64P, I32P, U8P, I64,
+      F32P, I64, I64),
      ctypes.c_int),
 )
 
@@ -43,13 +43,15 @@ class CpuPlan:
     tree_mask: torch.Tensor | None  # uint8 view of the flat bool tree masks
     cu_tree_mask: torch.Tensor | None  # [batch + 1] int64
     prompt_rows: torch.Tensor | None = None  # [batch] int32: leading new rows that are prompt tokens
+    hidden_keys: torch.Tensor | None = None  # [batch, width] uint8: context keys no row of the request sees
 
 
 def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_per_kv, tree_mask=None,
-                   cu_tree_mask=None, prompt_rows=None) -> CpuPlan:
+                   cu_tree_mask=None, prompt_rows=None, hidden_keys=None) -> CpuPlan:
     """prompt_rows ([batch] ints, or None): how many of each request's leading new rows are prompt
     tokens. cpu.c gives those rows their own faster arithmetic where it can (AVX-512): a prompt row's
-    bits then differ from a decoded token's, but never depend on the chunk or batch it came in."""
+    bits then differ from a decoded token's, but never depend on the chunk or batch it came in.
+    hidden_keys: see ref.plan_attention; a request with hidden keys has no prompt rows."""
     cu_q, kv = cu_seqlens_q.tolist(), kv_lens.tolist()
     cu_tree = cu_tree_mask.tolist() if cu_tree_mask is not None else None
     req_ids = []
@@ -67,9 +69,12 @@ def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_
         trees = tree_mask.to(torch.bool).contiguous().view(torch.uint8)
         cu_trees = cu_tree_mask.to(torch.int64).contiguous()
     prompts = None if prompt_rows is None else torch.as_tensor(prompt_rows, dtype=torch.int32).contiguous()
+    hidden = None
+    if hidden_keys is not None:
+        hidden = ref.check_hidden_keys(hidden_keys, kv, prompt_rows).to(torch.uint8).contiguous()
     return CpuPlan(torch.tensor(req_ids, dtype=torch.int64), cu_seqlens_q.to(torch.int32).contiguous(),
                    kv_lens.to(torch.int32).contiguous(), block_tables.to(torch.int32).contiguous(), trees, cu_trees,
-                   prompts)
+                   prompts, hidden)
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask=None,
@@ -83,7 +88,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         # bf16/fp16 activations on a CPU (rare): the reference, planned afresh
         return ref.paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, tree_mask,
-                                   cu_tree_mask, out=out)
+                                   cu_tree_mask, out=out, hidden_keys=None if plan is None else plan.hidden_keys)
     if plan is None:
         plan = plan_attention(cu_seqlens_q, kv_lens, block_tables, k_cache.shape[1],
                               q.shape[1] // k_cache.shape[2], tree_mask, cu_tree_mask)
@@ -99,8 +104,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, sc
         plan.req_ids.data_ptr(), plan.req_ids.numel(), q.shape[1], num_kv_heads, head_dim, block_size,
         scale, None if plan.tree_mask is None else plan.tree_mask.data_ptr(),
         None if plan.cu_tree_mask is None else plan.cu_tree_mask.data_ptr(),
-        None if plan.prompt_rows is None else plan.prompt_rows.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-        kv_half)
+        None if plan.prompt_rows is None else plan.prompt_rows.data_ptr(),
+        None if plan.hidden_keys is None else plan.hidden_keys.data_ptr(),
+        0 if plan.hidden_keys is None else plan.hidden_keys.shape[1], out.data_ptr(), torch.get_num_threads(), kv_half)
     if status != 0:
         raise MemoryError("C attention could not allocate its buffers (or an fp16 cache without F16C)")
     return out

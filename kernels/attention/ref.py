@@ -13,6 +13,11 @@ at once without padding the token batch (EMS-SD, "unpadded input tokens / unpadd
 - Query j of request i sees all context plus new token k iff k <= j (causal), or, when request i
   has a tree block, iff tree_mask_i[j, k] (speculative draft trees: a node sees its ancestors).
 
+Hidden keys (`hidden_keys [batch, width >= kv_len]` bool, optional): context keys that no row of the
+request sees, though they sit in its cache and are read like any other. Only `--spec-layout
+padded-kv` makes them: EMS-SD's vanilla baseline, whose rectangular cache keeps padding slots where
+a request accepted fewer tokens than the batch's best. Entries at the step's new rows are ignored.
+
 Tree masks are one flat bool tensor of concatenated row-major `[q_len_i, q_len_i]` blocks with
 offsets cu_tree_mask `[batch + 1]`; an empty block (cu_tree_mask[i] == cu_tree_mask[i+1]) means
 plain causal, so only requests that carry drafts pay for a block.
@@ -96,13 +101,37 @@ def _tree_blocks(tree_mask, cu_tree_mask, q_lens: list[int]) -> dict[int, torch.
     return blocks
 
 
+def check_hidden_keys(hidden_keys: torch.Tensor, kv_lens: list[int], prompt_rows=None) -> torch.Tensor:
+    """hidden_keys as bool after checking its shape; a request that has any has no prompt rows
+    (the C kernel's prompt path does not read them, and a padded cache only follows verification)."""
+    if hidden_keys.dim() != 2 or hidden_keys.shape[0] != len(kv_lens) or hidden_keys.shape[1] < max(kv_lens, default=0):
+        raise ValueError(f"hidden_keys must be [{len(kv_lens)}, >= {max(kv_lens, default=0)}], "
+                         f"got {tuple(hidden_keys.shape)}")
+    hidden = hidden_keys.to(torch.bool)
+    if prompt_rows is not None:
+        prompts = torch.as_tensor(prompt_rows).to(hidden.device) > 0
+        if bool((prompts & hidden.any(dim=1)).any()):
+            raise ValueError("a request with hidden keys cannot have prompt rows")
+    return hidden
+
+
+def _hidden_context(hidden: torch.Tensor | None, i: int, kv_len: int, q_len: int, width: int) -> torch.Tensor | None:
+    """[width] bool: request i's hidden context keys (never its new rows), False past kv_len."""
+    if hidden is None or not bool(hidden[i, : kv_len - q_len].any()):
+        return None
+    row = torch.zeros(width, dtype=torch.bool, device=hidden.device)
+    row[: kv_len - q_len] = hidden[i, : kv_len - q_len]
+    return row
+
+
 def _slot_ids(block_tables: torch.Tensor, kv_len: int, block_size: int) -> torch.Tensor:
     """Flat cache slots of cache indices 0..kv_len-1 of one request.  # block_tables: [max_blocks]"""
     pos = torch.arange(kv_len, device=block_tables.device)
     return block_tables.long()[pos // block_size] * block_size + pos % block_size
 
 
-def _plan_batched(ids, q_lens, kv_lens, cu_q, block_tables, block_size, group_size, trees) -> _BatchedGroup:
+def _plan_batched(ids, q_lens, kv_lens, cu_q, block_tables, block_size, group_size, trees,
+                  hidden=None) -> _BatchedGroup:
     device = block_tables.device
     num_reqs = len(ids)
     max_q, max_kv = max(q_lens[i] for i in ids), max(kv_lens[i] for i in ids)
@@ -119,6 +148,9 @@ def _plan_batched(ids, q_lens, kv_lens, cu_q, block_tables, block_size, group_si
         if i in trees:
             c, q_len = kv_lens[i] - q_lens[i], q_lens[i]
             mask[r, :q_len, c : c + q_len] = trees[i]
+        unseen = _hidden_context(hidden, i, kv_lens[i], q_lens[i], max_kv)
+        if unseen is not None:
+            mask[r, : q_lens[i]] &= ~unseen
     # Queries are laid out [kv_head, group * max_q] so K/V need no repeat for grouped-query attention.
     mask = mask[:, None].expand(num_reqs, group_size, max_q, max_kv).reshape(num_reqs, 1, group_size * max_q, max_kv)
 
@@ -152,7 +184,7 @@ def _consecutive(table: torch.Tensor, kv_len: int, block_size: int) -> bool:
     return used.numel() < 2 or bool((used[1:] - used[:-1] == 1).all())
 
 
-def _plan_single(i, q_lens, kv_lens, cu_q, block_tables, block_size, trees) -> _SingleRequest:
+def _plan_single(i, q_lens, kv_lens, cu_q, block_tables, block_size, trees, hidden=None) -> _SingleRequest:
     q_len, kv_len = q_lens[i], kv_lens[i]
     ctx = kv_len - q_len
     mask = None
@@ -161,6 +193,9 @@ def _plan_single(i, q_lens, kv_lens, cu_q, block_tables, block_size, trees) -> _
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
         new = trees[i] if i in trees else torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
         mask[:, ctx:] = new
+        unseen = _hidden_context(hidden, i, kv_len, q_len, kv_len)
+        if unseen is not None:
+            mask &= ~unseen
     return _SingleRequest(cu_q[i], q_len, _slot_ids(block_tables[i], kv_len, block_size), mask)
 
 
@@ -172,6 +207,7 @@ def plan_attention(
     num_queries_per_kv: int,
     tree_mask: torch.Tensor | None = None,  # [sum of tree block sizes] bool
     cu_tree_mask: torch.Tensor | None = None,  # [batch + 1] int offsets into tree_mask
+    hidden_keys: torch.Tensor | None = None,  # [batch, width >= max kv_len] bool (see the module docstring)
 ) -> AttentionPlan:
     """Precompute masks and gather indices for one step (shared by all layers)."""
     cu_q = cu_seqlens_q.tolist()
@@ -181,15 +217,16 @@ def plan_attention(
         if q_len < 0 or kv_len < q_len:
             raise ValueError(f"bad lengths: q_len {q_len}, kv_len {kv_len}")
     trees = _tree_blocks(tree_mask, cu_tree_mask, q_lens)
+    hidden = None if hidden_keys is None else check_hidden_keys(hidden_keys, kv_list)
     plan = AttentionPlan(num_queries_per_kv)
     short = [i for i, q in enumerate(q_lens) if 0 < q <= MAX_BATCHED_Q_LEN]
     if short:
         plan.batched = _plan_batched(
-            short, q_lens, kv_list, cu_q, block_tables, block_size, num_queries_per_kv, trees
+            short, q_lens, kv_list, cu_q, block_tables, block_size, num_queries_per_kv, trees, hidden
         )
     for i, q_len in enumerate(q_lens):
         if q_len > MAX_BATCHED_Q_LEN:
-            plan.singles.append(_plan_single(i, q_lens, kv_list, cu_q, block_tables, block_size, trees))
+            plan.singles.append(_plan_single(i, q_lens, kv_list, cu_q, block_tables, block_size, trees, hidden))
     return plan
 
 
@@ -243,13 +280,15 @@ def paged_attention(
     cu_tree_mask: torch.Tensor | None = None,  # [batch + 1]
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], written in full
     plan: AttentionPlan | None = None,
+    hidden_keys: torch.Tensor | None = None,  # [batch, width] bool (planned into `plan` when one is given)
 ) -> torch.Tensor:
     """Attention of every new token over its own request's cached K/V. Returns `out`
     # [num_tokens, num_heads, head_dim]. `plan` (from plan_attention) skips re-deriving the layout."""
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     if plan is None:
         plan = plan_attention(
-            cu_seqlens_q, kv_lens, block_tables, k_cache.shape[1], q.shape[1] // num_kv_heads, tree_mask, cu_tree_mask
+            cu_seqlens_q, kv_lens, block_tables, k_cache.shape[1], q.shape[1] // num_kv_heads, tree_mask, cu_tree_mask,
+            hidden_keys,
         )
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)

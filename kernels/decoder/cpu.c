@@ -34,6 +34,8 @@ typedef struct {
     float *y;        /* [1 + 2 * rows, widest matmul output] the tiled matmuls' output (row 0 unused) */
     float inv_scale; /* the int8 activations' 1 / scale (kernels/int8_matmul/ref.py) */
     const int32_t *prompt_rows; /* [num_reqs] leading prompt rows per request (the plan's; NULL: none) */
+    const uint8_t *hidden_keys; /* [batch, hidden_stride] the plan's hidden context keys (NULL: none) */
+    int64_t hidden_stride;
 } decoder_step;
 
 /* A matmul's weights in AMX tiles (kernels/int8_matmul/cpu.py PackedInt8). */
@@ -78,8 +80,8 @@ int decoder_after_qkv(const decoder_step *s, const decoder_layer *l, const float
     if (s->num_reqs > 0 &&
         paged_attention_rows(s->qkv, width, l->k_cache, l->v_cache, s->cu_q, s->kv_lens, s->block_tables,
                              s->max_blocks, s->req_ids, s->num_reqs, s->num_heads, s->num_kv_heads, s->head_dim,
-                             s->block_size, s->scale, s->tree_mask, s->cu_tree_mask, s->prompt_rows, s->attn,
-                             s->num_threads, s->kv_half) != 0)
+                             s->block_size, s->scale, s->tree_mask, s->cu_tree_mask, s->prompt_rows, s->hidden_keys,
+                             s->hidden_stride, s->attn, s->num_threads, s->kv_half) != 0)
         return 2;
     prep_rows(s, s->attn, q_width, NULL, s->in_hidden);
     return 0;

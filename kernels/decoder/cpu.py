@@ -20,7 +20,8 @@ class DecoderStep(ctypes.Structure):
                 + [(n, _P) for n in ("x", "in_hidden", "in_inter", "scales", "qkv", "attn", "gate_up", "cos",
                                      "sin", "slots", "cu_q", "kv_lens", "block_tables")]
                 + [("max_blocks", _I64), ("num_reqs", _I64), ("req_ids", _P), ("tree_mask", _P),
-                   ("cu_tree_mask", _P), ("kv_half", _I64), ("y", _P), ("inv_scale", _F32), ("prompt_rows", _P)])
+                   ("cu_tree_mask", _P), ("kv_half", _I64), ("y", _P), ("inv_scale", _F32), ("prompt_rows", _P),
+                   ("hidden_keys", _P), ("hidden_stride", _I64)])
 
 
 class TiledWeight(ctypes.Structure):

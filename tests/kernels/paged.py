@@ -68,3 +68,39 @@ def make_batch(q_lens, kv_lens, num_kv_heads, group, head_dim, tree_ids=(), bloc
     return PagedBatch(dev(q, dtype), dev(k_cache, dtype), dev(v_cache, dtype), dev(cu_q),
                       dev(torch.tensor(kv_lens, dtype=torch.int32)), dev(block_tables), dev(tree_mask),
                       dev(cu_tree), head_dim ** -0.5)
+
+
+def random_hidden_keys(batch: PagedBatch, fraction: float, seed: int = 0) -> torch.Tensor:
+    """[batch, max kv_len] bool: a random `fraction` of each request's context keys hidden."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens, cu_q = batch.kv_lens.tolist(), batch.cu_seqlens_q.tolist()
+    hidden = torch.zeros(len(kv_lens), max(kv_lens), dtype=torch.bool)
+    for i, kv_len in enumerate(kv_lens):
+        ctx = kv_len - (cu_q[i + 1] - cu_q[i])
+        hidden[i, :ctx] = torch.rand(ctx, generator=gen) < fraction
+    return hidden
+
+
+def without_hidden_keys(batch: PagedBatch, hidden: torch.Tensor) -> PagedBatch:
+    """The same queries over caches that hold only each request's visible keys, in order: what
+    attention with `hidden` keys must equal."""
+    block_size = batch.k_cache.shape[1]
+    k_flat = batch.k_cache.reshape(-1, *batch.k_cache.shape[2:])
+    v_flat = batch.v_cache.reshape(-1, *batch.v_cache.shape[2:])
+    keys, values, lens, tables, num_blocks = [], [], [], [], 0
+    for i, kv_len in enumerate(batch.kv_lens.tolist()):
+        pos = torch.tensor([p for p in range(kv_len) if not hidden[i, p]], dtype=torch.long)
+        slots = batch.block_tables[i].long()[pos // block_size] * block_size + pos % block_size
+        blocks = -(-len(pos) // block_size)
+        pad = blocks * block_size - len(pos)
+        keys.append(torch.cat([k_flat[slots], k_flat.new_zeros(pad, *k_flat.shape[1:])]))
+        values.append(torch.cat([v_flat[slots], v_flat.new_zeros(pad, *v_flat.shape[1:])]))
+        lens.append(len(pos))
+        tables.append(list(range(num_blocks, num_blocks + blocks)))
+        num_blocks += blocks
+    width = max(len(t) for t in tables) + 1
+    block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    shape = (num_blocks, block_size, *batch.k_cache.shape[2:])
+    return PagedBatch(batch.q, torch.cat(keys).view(shape), torch.cat(values).view(shape), batch.cu_seqlens_q,
+                      torch.tensor(lens, dtype=torch.int32), block_tables, batch.tree_mask, batch.cu_tree_mask,
+                      batch.scale)

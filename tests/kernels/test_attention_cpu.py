@@ -9,7 +9,7 @@ import torch
 
 from kernels import attention, backend, cbuild
 from kernels.attention import cpu, ref
-from tests.kernels.paged import make_batch
+from tests.kernels.paged import make_batch, random_hidden_keys, without_hidden_keys
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 
@@ -140,3 +140,29 @@ def test_queries_may_be_a_view_of_the_fused_projection():
     assert not view.is_contiguous()
     got = cpu.paged_attention(view, *b.args()[1:])
     assert torch.equal(got, cpu.paged_attention(*b.args()))
+
+
+@pytest.mark.parametrize("case", ["decode_boundaries", "verify_chains_and_trees", "long_prefill_chunk"])
+def test_hidden_keys_are_as_if_absent(case):
+    """--spec-layout padded-kv's padding: hidden context keys are read but weigh nothing, in cpu.c and
+    in the reference alike (a prefill chunk over hidden keys is the reference's single-request path)."""
+    q_lens, kv_lens, tree_ids, _ = CASES[case]
+    b = make_batch(q_lens, kv_lens, 3, 3, 64, tree_ids=tree_ids, seed=5)
+    hidden = random_hidden_keys(b, 0.4, seed=len(case))
+    assert hidden.any()
+    expected = ref.paged_attention(*without_hidden_keys(b, hidden).args())
+    plan = cpu.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3, b.tree_mask, b.cu_tree_mask,
+                              hidden_keys=hidden)
+    torch.testing.assert_close(cpu.paged_attention(*b.args(), plan=plan), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ref.paged_attention(*b.args(), hidden_keys=hidden), expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(cpu.paged_attention(*b.args()), expected, atol=1e-3)  # hiding changed something
+
+
+def test_hidden_keys_are_checked():
+    b = make_batch([1, 3], [9, 12], 1, 3, 16)
+    with pytest.raises(ValueError, match="hidden_keys must be"):
+        cpu.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3, hidden_keys=torch.zeros(2, 5))
+    hidden = torch.zeros(2, 12, dtype=torch.bool)
+    hidden[1, 2] = True
+    with pytest.raises(ValueError, match="prompt rows"):
+        cpu.plan_attention(b.cu_seqlens_q, b.kv_lens, b.block_tables, 16, 3, prompt_rows=[0, 3], hidden_keys=hidden)
