@@ -12,6 +12,7 @@ from engine.spec.controller import FAIRNESS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
+SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
 PASS_MODES = ("fused", "two_call")
 
 
@@ -134,7 +135,10 @@ class EngineConfig:
     num_draft_tokens: int = 5
     """Most draft tokens a request proposes per step (--num-draft-tokens); the controller may use fewer."""
     spec_layout: str = "ragged"
-    """ragged (EMS-SD, no padding) | padded (the vanilla baseline, for benchmarks only)."""
+    """ragged (EMS-SD: unpadded inputs, unpadded KV cache) | padded (inputs padded to the batch's longest
+    draft) | padded-kv (EMS-SD's vanilla baseline: padded inputs, and a cache that grows by the batch's
+    best acceptance, the others' extra slots kept as hidden padding; CPU only). Padded ones are for
+    benchmarks only."""
     spec_adaptive: bool = True
     """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
     spec_fairness: float = FAIRNESS
@@ -166,14 +170,16 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.spec not in SPEC_METHODS:
             raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
-        if self.spec_layout not in ("ragged", "padded"):
-            raise ValueError(f"spec_layout must be ragged or padded, not {self.spec_layout!r}")
+        if self.spec_layout not in SPEC_LAYOUTS:
+            raise ValueError(f"spec_layout must be one of {', '.join(SPEC_LAYOUTS)}, not {self.spec_layout!r}")
+        if self.spec_layout == "padded-kv" and self.device == "cuda":
+            raise ValueError("--spec-layout padded-kv runs on the CPU attention kernels only")
         if self.pass_mode not in PASS_MODES:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
         if self.pass_lookahead < 1:
             raise ValueError("pass_lookahead must be >= 1")
-        if self.spec == "pass" and self.spec_layout == "padded":
-            raise ValueError("--spec pass is not available with --spec-layout padded")
+        if self.spec == "pass" and self.spec_layout != "ragged":
+            raise ValueError(f"--spec pass is not available with --spec-layout {self.spec_layout}")
         if not 0.0 <= self.spec_fairness <= 1.0:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
         if not 0 <= self.num_draft_tokens <= 64:

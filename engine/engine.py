@@ -55,6 +55,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.model_config = ModelConfig.from_hf_dir(model_dir)
         self.device = pick_device(config.device)
+        if config.spec_layout == "padded-kv" and self.device != "cpu":
+            raise ValueError("--spec-layout padded-kv runs on the CPU attention kernels only")
         self.runner = ModelRunner(self.model_config, model_dir, config.cache, self.device,
                                   pick_dtype(config.dtype, self.device))
         self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size)
@@ -123,12 +125,13 @@ class LLMEngine:
         verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits)
         stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
         stats.num_key_rows = sum((s.num_new_tokens + s.num_lookahead + (len(s.draft) if s.draft is not None else 0))
-                                 * (s.request.num_computed_tokens + s.num_new_tokens) for s in sched.scheduled)
+                                 * (s.request.num_cache_slots + s.num_new_tokens) for s in sched.scheduled)
         moves = [accepted_path_moves(s, v.result) for s, v in zip(entries, verified)]
+        padding = self.spec.kv_padding(entries, verified)
         self.scheduler.update_after_step(sched)
         outputs = []
         for s, v, (src, dst) in zip(entries, verified, moves):
-            self._commit_accepted(s, v, src, dst)
+            self._commit_accepted(s, v, src, dst, padding.get(s.request.request_id, 0))
             out = self._append_tokens(s.request, v.result.token_ids, v.logprobs)
             stats.num_generated_tokens += len(out.new_token_ids)
             stats.spec.append(SpecRecord(self.spec.method_of(s.request), v.result.num_draft, v.result.num_accepted))
@@ -145,14 +148,18 @@ class LLMEngine:
             else:
                 stats.num_prefill_tokens += s.num_new_tokens
 
-    def _commit_accepted(self, s: ScheduledRequest, v: Verified, src: list[int], dst: list[int]) -> None:
-        """Keep the accepted drafts' K/V (moving a tree path into place) and roll back the rest."""
+    def _commit_accepted(self, s: ScheduledRequest, v: Verified, src: list[int], dst: list[int],
+                         num_padding: int = 0) -> None:
+        """Keep the accepted drafts' K/V (moving a tree path into place) and roll back the rest, but
+        for `num_padding` slots after them that stay as hidden padding (--spec-layout padded-kv)."""
         request, result = s.request, v.result
         if src:
             self.runner.copy_kv_slots([self.kv.slot(request, i) for i in src],
                                       [self.kv.slot(request, i) for i in dst])
         request.num_computed_tokens += result.num_accepted
-        self.kv.rollback(request, request.num_computed_tokens)
+        first = request.num_cache_slots
+        request.kv_padding += range(first, first + num_padding)
+        self.kv.rollback(request, request.num_cache_slots)
         request.spec_usage.draft_tokens += result.num_draft
         request.spec_usage.accepted_tokens += result.num_accepted
         self.spec.observe(s, v)

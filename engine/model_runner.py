@@ -94,7 +94,8 @@ def request_layout(s: ScheduledRequest) -> RequestLayout:
         raise ValueError(f"request {r.request_id}: cannot compute tokens {start}..{start + num_new}")
     token_ids = r.token_ids[start : start + num_new]
     positions = list(range(start, start + num_new))
-    layout = RequestLayout(token_ids, positions, list(positions), start + num_new)
+    first = r.num_cache_slots  # past any padding slots: a token's cache index may exceed its position
+    layout = RequestLayout(token_ids, positions, list(range(first, first + num_new)), first + num_new)
     if not s.samples:
         return layout
     if num_new == 0:
@@ -105,8 +106,8 @@ def request_layout(s: ScheduledRequest) -> RequestLayout:
         num_draft = len(draft)
         layout.token_ids = token_ids + list(draft.token_ids)
         layout.positions = positions + [start + num_new - 1 + d for d in _draft_depths(draft)]
-        layout.cache_indices = list(range(start, start + num_new + num_draft))
-        layout.kv_len = start + num_new + num_draft
+        layout.cache_indices = list(range(first, first + num_new + num_draft))
+        layout.kv_len = first + num_new + num_draft
         layout.sample_rows += list(range(num_new, num_new + num_draft))
         layout.tree_block = _tree_block(num_new, draft)
     if s.num_lookahead > 0:
@@ -279,7 +280,7 @@ class ModelRunner:
         meta.plan = plan_attention(meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, bs,
                                    cfg.num_heads // cfg.num_kv_heads, meta.tree_mask, meta.cu_tree_mask,
                                    row_exact=self.dtype == torch.float32,  # the C kernel (fp32 and int8)
-                                   prompt_rows=prompt_counts)
+                                   prompt_rows=prompt_counts, hidden_keys=to(self._hidden_keys(sched.scheduled, layouts)))
         inputs = StepInputs(
             input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(flat_pos, dtype=torch.long, device=dev),
@@ -307,6 +308,17 @@ class ModelRunner:
                                  f"cannot hold {lay.kv_len} tokens")
             if lay.positions and max(lay.positions) >= max_pos:
                 raise ValueError(f"request {s.request.request_id}: position beyond {max_pos}")
+
+    @staticmethod
+    def _hidden_keys(scheduled: list[ScheduledRequest], layouts: list[RequestLayout]) -> torch.Tensor | None:
+        """[batch, max kv_len] bool: the padding slots of --spec-layout padded-kv (None without any)."""
+        if not any(s.request.kv_padding for s in scheduled):
+            return None
+        hidden = torch.zeros(len(layouts), max(lay.kv_len for lay in layouts), dtype=torch.bool)
+        for i, s in enumerate(scheduled):
+            if s.request.kv_padding:
+                hidden[i, torch.tensor(s.request.kv_padding, dtype=torch.long)] = True
+        return hidden
 
     def _block_tables(self, scheduled, layouts) -> torch.Tensor:
         """[batch, max_blocks] int32: only the blocks each request's kv_len touches, padded with 0."""

@@ -161,7 +161,7 @@ class Scheduler:
         if wanted <= 0:
             return 0
         num_slots_owned = len(request.block_ids) * self.kv.block_size
-        spare_slots = num_slots_owned - (request.num_computed_tokens + 1) + self.kv.num_free_blocks * self.kv.block_size
+        spare_slots = num_slots_owned - (request.num_cache_slots + 1) + self.kv.num_free_blocks * self.kv.block_size
         return max(0, min(wanted, budget_left, spare_slots))
 
     # ------------------------------------------------------------ phases
@@ -200,7 +200,7 @@ class Scheduler:
                 # Fail now rather than after prefilling chunks that could never all fit.
                 self._fail(request, "request does not fit in the KV cache")
                 continue
-            if not self.kv.allocate(request, request.num_computed_tokens + num_new):
+            if not self.kv.allocate(request, request.num_cache_slots + num_new):
                 if not self._running:  # all blocks are free and it still does not fit
                     self._fail(request, "request does not fit in the KV cache")
                     continue
@@ -229,7 +229,7 @@ class Scheduler:
         Returns False when `request` itself had to go (preempted, or failed when it can't fit
         even alone).
         """
-        num_slots = request.num_computed_tokens + num_new
+        num_slots = request.num_cache_slots + num_new
         while not self.kv.allocate(request, num_slots):
             victim = self._running[-1]
             if victim is request and len(self._running) == 1:
@@ -246,6 +246,7 @@ class Scheduler:
         self._running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.kv_padding = []
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self._waiting.appendleft(request)

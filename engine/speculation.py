@@ -134,7 +134,7 @@ def accepted_path_moves(s: ScheduledRequest, result: VerifyResult) -> tuple[list
     Draft node j was written at cache index base + j (base = the root's index + 1); the path's i-th
     node belongs at base + i. A chain's accepted prefix is already in place (no moves).
     """
-    base = s.request.num_computed_tokens + s.num_new_tokens
+    base = s.request.num_cache_slots + s.num_new_tokens
     src, dst = [], []
     for i, node in enumerate(result.accepted_nodes):
         if node != i:
@@ -154,7 +154,8 @@ class Speculator:
     def __init__(self, config: EngineConfig, model_dir: Path | None = None):
         self.default_method = config.spec
         self.num_draft_tokens = config.num_draft_tokens
-        self.padded = config.spec_layout == "padded"
+        self.padded = config.spec_layout in ("padded", "padded-kv")
+        self.pads_kv = config.spec_layout == "padded-kv"
         self.controller = DraftController(adaptive=config.spec_adaptive, fairness=config.spec_fairness)
         self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
         self.proposers.update(_optional_proposers(config))
@@ -179,7 +180,7 @@ class Speculator:
             raise ValueError(f"unknown speculative method {method!r}{hint}; choose from none, "
                              f"{', '.join(sorted(self.proposers))}")
         if method == "pass" and self.padded:
-            raise ValueError("speculative method 'pass' is not available with --spec-layout padded")
+            raise ValueError("speculative method 'pass' is not available with a padded --spec-layout")
 
     def max_drafts(self, request: Request, max_model_len: int) -> int:
         """Drafts past max_tokens or the context window could never be emitted."""
@@ -248,6 +249,16 @@ class Speculator:
                 if s.samples and s.max_draft_tokens > real[s.request.request_id]:
                     s.draft = pad_chain(s.draft, s.max_draft_tokens)
         return real
+
+    def kv_padding(self, entries: list[ScheduledRequest], verified: list[Verified]) -> dict[str, int]:
+        """padded-kv, EMS-SD's vanilla baseline: a rectangular cache grows every padded request by the
+        batch's best acceptance, so each keeps (best - own accepted) of its rejected slots as padding.
+        Returns request_id -> padding slots (empty in the other layouts)."""
+        if not self.pads_kv:
+            return {}
+        padded = [(s, v) for s, v in zip(entries, verified) if s.max_draft_tokens > 0]
+        best = max((v.result.num_accepted for _, v in padded), default=0)
+        return {s.request.request_id: best - v.result.num_accepted for s, v in padded}
 
     def top_k_for(self, entries: list[ScheduledRequest]) -> dict[str, int]:
         needs = {}

@@ -116,6 +116,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed_tokens: int = 0
     """How many leading token_ids have their K/V in the cache."""
+    kv_padding: list[int] = field(default_factory=list)
+    """Cache indices of padding slots, hidden from attention (only --spec-layout padded-kv makes them:
+    EMS-SD's vanilla baseline keeps every request's cache as long as the batch's best acceptance)."""
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -131,6 +134,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_cache_slots(self) -> int:
+        """Cache indices in use: the computed tokens' K/V plus any padding slots between them."""
+        return self.num_computed_tokens + len(self.kv_padding)
 
     @property
     def num_output_tokens(self) -> int:

@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from engine.config import (DEFAULT_MODEL, DTYPES, KV_CACHE_DTYPES, PASS_MODES, SPEC_METHODS, CacheConfig, EngineConfig,
-                           SchedulerConfig)
+from engine.config import (DEFAULT_MODEL, DTYPES, KV_CACHE_DTYPES, PASS_MODES, SPEC_LAYOUTS, SPEC_METHODS, CacheConfig,
+                           EngineConfig, SchedulerConfig)
 from engine.train.cli import add_train_parser, run_train
 from server.hugepages import reexec_with_hugepages
 from server.logs import LOG_FORMATS, EngineStatsLogger, configure_logging
@@ -41,8 +41,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="speculation method for requests that don't pick one")
     p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
                    help="most drafts per request per step (the cost controller may use fewer)")
-    p.add_argument("--spec-layout", default="ragged", choices=["ragged", "padded"],
-                   help="padded = the vanilla baseline, for benchmarks")
+    p.add_argument("--spec-layout", default="ragged", choices=list(SPEC_LAYOUTS),
+                   help="padded (inputs) and padded-kv (inputs and KV cache: EMS-SD's vanilla baseline), for "
+                        "benchmarks")
     p.add_argument("--no-spec-adaptive", action="store_true",
                    help="verify every proposed draft instead of letting measured costs cut them")
     p.add_argument("--spec-fairness", type=float, default=EngineConfig.spec_fairness,

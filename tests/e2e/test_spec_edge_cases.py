@@ -344,10 +344,17 @@ def test_preemption_while_drafting(tiny_model_dir, engine, prompts):
     assert small.kv.usage == 0 and not small.has_unfinished_requests()
 
 
-def test_padded_layout_gives_the_same_greedy_outputs(tiny_model_dir, engine, prompts):
-    padded = _make_engine(tiny_model_dir, spec_layout="padded")
+@pytest.mark.parametrize("layout", ["padded", "padded-kv"])
+def test_padded_layouts_give_the_same_greedy_outputs(tiny_model_dir, engine, prompts, layout):
+    """padded-kv also keeps hidden padding slots in the cache (EMS-SD's vanilla baseline): outputs
+    must not change, and the slots must really be there and be read."""
+    padded = _make_engine(tiny_model_dir, spec_layout=layout)
     batch = mixed_batch(prompts)
-    got = run(padded, [r for r, _, _ in batch])
+    most_padding = []
+    got = run(padded, [r for r, _, _ in batch],
+              on_step=lambda step: most_padding.append(max((len(r.kv_padding) for r in padded.scheduler.running),
+                                                           default=0)))
+    assert (max(most_padding) > 0) == (layout == "padded-kv")
     ragged = run(engine, [request(r.request_id, r.prompt_token_ids, s, r.spec.method) for r, s, _ in batch])
     for req, sampling, prompt in batch:
         assert_same(got[req.request_id], ragged[req.request_id], req.request_id)

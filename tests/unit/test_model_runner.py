@@ -219,3 +219,25 @@ def test_an_fp16_cache_serves_fp32_activations(tiny_model_dir):
         req = _Blocks(runner.cache_config.num_blocks).request("r", _prompt(20, 9))
         logits.append(_step(runner, (req, 20)))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-2, rtol=1e-2)
+
+
+def test_padding_slots_move_cache_indices_not_positions():
+    """--spec-layout padded-kv: hidden padding slots sit in the cache between tokens, so a token's
+    cache index runs ahead of its RoPE position by the padding before it."""
+    req = Request("p", list(range(12)), 4, SamplingParams(), num_computed_tokens=11, kv_padding=[6, 7, 9])
+    assert req.num_cache_slots == 14
+    lay = request_layout(ScheduledRequest(req, 1, DraftTree([5, 6], [-1, 0])))
+    assert lay.positions == [11, 12, 13]
+    assert lay.cache_indices == [14, 15, 16] and lay.kv_len == 17
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(spec_layout="padded-kv", device="cuda"), "CPU attention kernels only"),
+    (dict(spec="pass", spec_layout="padded-kv"), "not available with --spec-layout padded-kv"),
+    (dict(spec_layout="unpadded"), "ragged, padded, padded-kv"),
+])
+def test_spec_layout_is_checked(flags, message):
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**flags)
