@@ -1,4 +1,8 @@
-"""Speculation benchmark: none / ngram / jacobi / pass x concurrency x layout (ragged / padded), one run.
+"""Speculation benchmark: none / ngram / jacobi / pass x concurrency x layout, one run.
+
+Layouts: ragged (EMS-SD), padded (inputs padded to the batch's longest draft) and padded-kv (EMS-SD's
+vanilla baseline: padded inputs and a padded KV cache); a line per padded layout gives ragged's
+throughput over it per method and concurrency.
 
 Spec-Bench first-turn prompts (N per category) plus code-editing prompts (a Python standard-library
 function and a request to rewrite it: the case prompt lookup is made for), greedy, chat-templated.
@@ -119,6 +123,16 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup"] = r["tok_s"] / ref if ref else float("nan")
 
 
+def layout_ratios(rows: list[dict]) -> list[dict]:
+    """Ragged throughput over each padded layout's, per method and concurrency (all categories)."""
+    ragged = {(r["method"], r["concurrency"]): r["tok_s"] for r in rows
+              if r["layout"] == "ragged" and r["category"] == "all" and r["server"] == "main"}
+    return [{"layout": r["layout"], "method": r["method"], "concurrency": r["concurrency"],
+             "ratio": ragged[(r["method"], r["concurrency"])] / r["tok_s"]}
+            for r in rows if r["layout"] != "ragged" and r["category"] == "all"
+            and (r["method"], r["concurrency"]) in ragged]
+
+
 def pass_variant_servers(variants: list[str], server_args: list[str], tmp: Path):
     """(label, serve flags) per `embeddings:mode[:L]` variant; embeddings = trained | untrained | a path,
     L (optional) sets the look-ahead rows (--pass-lookahead)."""
@@ -144,7 +158,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--layouts", nargs="*", default=["ragged", "padded"], help="main servers (none: PaSS variants only)")
+    ap.add_argument("--layouts", nargs="*", default=["ragged", "padded", "padded-kv"],
+                    help="main servers (none: PaSS variants only)")
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
     ap.add_argument("--pass-variants", nargs="*", default=[],
                     help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call : L)")
@@ -160,7 +175,7 @@ def main() -> None:
             asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
             for concurrency in args.concurrency:
                 for method in args.methods:
-                    if layout == "padded" and (method == "none" or concurrency == 1):
+                    if layout != "ragged" and (method == "none" or concurrency == 1):
                         continue  # no drafts, or no other request: nothing to pad
                     run = measure_per_category if args.workload == "per-category" else measure
                     rows += run(server, prompts, method, concurrency, args.max_tokens, layout)
@@ -173,8 +188,11 @@ def main() -> None:
     add_speedups(rows)
     print_table(rows, ["server", "layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
+    ratios = layout_ratios(rows)
+    for r in ratios:
+        print(f"ragged / {r['layout']}: {r['method']} at {r['concurrency']} clients {r['ratio']:.3f}")
     write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                   "workload": args.workload, "rows": rows},
+                   "workload": args.workload, "rows": rows, "layout_ratios": ratios},
                   args.out)
 
 

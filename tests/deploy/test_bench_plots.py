@@ -81,3 +81,14 @@ def test_replot_a_saved_result(tmp_path, capsys):
     assert plots.main([str(saved)]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "serving_cpu_throughput.png"),
                                                str(tmp_path / "serving_cpu_latency.png")]
+
+
+def test_spec_layout_ratios_are_ragged_over_each_padded_layout():
+    from benchmarks.spec import layout_ratios
+
+    rows = [{"server": "main", "layout": layout, "method": "ngram", "concurrency": 8, "category": category,
+             "tok_s": tok_s} for layout, tok_s in (("ragged", 120.0), ("padded", 100.0), ("padded-kv", 80.0))
+            for category in ("all", "qa")]
+    assert layout_ratios(rows) == [
+        {"layout": "padded", "method": "ngram", "concurrency": 8, "ratio": 1.2},
+        {"layout": "padded-kv", "method": "ngram", "concurrency": 8, "ratio": 1.5}]
