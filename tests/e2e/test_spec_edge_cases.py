@@ -317,13 +317,14 @@ def test_abort_mid_batch(engine, prompts):
     assert engine.kv.usage == 0
 
 
-def test_preemption_while_drafting(tiny_model_dir, engine, prompts):
+@pytest.mark.parametrize("layout", ["ragged", "padded-kv"])  # padded-kv: padding slots take cache room too
+def test_preemption_while_drafting(tiny_model_dir, engine, prompts, layout):
     small = _make_engine(tiny_model_dir, spec="ngram", cache=CacheConfig(block_size=16, num_tokens=256),
-                         scheduler=SchedulerConfig(max_num_batched_tokens=128))
+                         scheduler=SchedulerConfig(max_num_batched_tokens=128), spec_layout=layout)
     # 8 requests x (5-10 prompt + 48 output) tokens need ~450 slots; the cache holds 256.
     batch = [(request(f"r{i}", prompt, greedy(48), "ngram"), prompt)
              for i, (prompt, _) in enumerate(prompts[:3] * 3) if i < 8]
-    preemptions = []
+    preemptions, padding = [], []
     drafted_before_preemption = set()
 
     def record(step):
@@ -332,6 +333,7 @@ def test_preemption_while_drafting(tiny_model_dir, engine, prompts):
         for r in small.scheduler.running:
             if r.spec_usage.draft_tokens > 0:
                 drafted_before_preemption.add(r.request_id)
+            padding.append(len(r.kv_padding))
 
     results = run(small, [r for r, _ in batch], on_step=record)
     preemptions.append(small.last_stats.num_preemptions)
@@ -341,6 +343,7 @@ def test_preemption_while_drafting(tiny_model_dir, engine, prompts):
         assert_same(got, solo(engine, prompt, greedy(48)), req.request_id)
         assert got.spec.accepted_tokens > 0
     assert drafted_before_preemption
+    assert (max(padding) > 0) == (layout == "padded-kv")
     assert small.kv.usage == 0 and not small.has_unfinished_requests()
 
 
