@@ -13,6 +13,7 @@ from engine.spec.controller import FAIRNESS
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
 SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
+PADDED_KV_NEEDS_CPU = "--spec-layout padded-kv runs on the CPU attention kernels only"
 PASS_MODES = ("fused", "two_call")
 
 
@@ -173,7 +174,7 @@ class EngineConfig:
         if self.spec_layout not in SPEC_LAYOUTS:
             raise ValueError(f"spec_layout must be one of {', '.join(SPEC_LAYOUTS)}, not {self.spec_layout!r}")
         if self.spec_layout == "padded-kv" and self.device == "cuda":
-            raise ValueError("--spec-layout padded-kv runs on the CPU attention kernels only")
+            raise ValueError(PADDED_KV_NEEDS_CPU)
         if self.pass_mode not in PASS_MODES:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
         if self.pass_lookahead < 1:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import PADDED_KV_NEEDS_CPU, EngineConfig, ModelConfig
 from engine.detokenizer import OutputText
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner
@@ -55,8 +55,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.model_config = ModelConfig.from_hf_dir(model_dir)
         self.device = pick_device(config.device)
-        if config.spec_layout == "padded-kv" and self.device != "cpu":
-            raise ValueError("--spec-layout padded-kv runs on the CPU attention kernels only")
+        if config.spec_layout == "padded-kv" and self.device != "cpu":  # --device auto found a GPU
+            raise ValueError(PADDED_KV_NEEDS_CPU)
         self.runner = ModelRunner(self.model_config, model_dir, config.cache, self.device,
                                   pick_dtype(config.dtype, self.device))
         self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size)
