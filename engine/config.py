@@ -173,7 +173,7 @@ class EngineConfig:
             raise ValueError(f"unknown speculation method {self.spec!r}; choose from {', '.join(SPEC_METHODS)}")
         if self.spec_layout not in SPEC_LAYOUTS:
             raise ValueError(f"spec_layout must be one of {', '.join(SPEC_LAYOUTS)}, not {self.spec_layout!r}")
-        if self.spec_layout == "padded-kv" and self.device == "cuda":
+        if self.spec_layout == "padded-kv" and self.device == "cuda":  # --device auto: the engine checks
             raise ValueError(PADDED_KV_NEEDS_CPU)
         if self.pass_mode not in PASS_MODES:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")

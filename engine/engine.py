@@ -149,7 +149,7 @@ class LLMEngine:
                 stats.num_prefill_tokens += s.num_new_tokens
 
     def _commit_accepted(self, s: ScheduledRequest, v: Verified, src: list[int], dst: list[int],
-                         num_padding: int = 0) -> None:
+                         num_padding: int) -> None:
         """Keep the accepted drafts' K/V (moving a tree path into place) and roll back the rest, but
         for `num_padding` slots after them that stay as hidden padding (--spec-layout padded-kv)."""
         request, result = s.request, v.result

@@ -51,7 +51,7 @@ def plan_attention(cu_seqlens_q, kv_lens, block_tables, block_size, num_queries_
     """prompt_rows ([batch] ints, or None): how many of each request's leading new rows are prompt
     tokens. cpu.c gives those rows their own faster arithmetic where it can (AVX-512): a prompt row's
     bits then differ from a decoded token's, but never depend on the chunk or batch it came in.
-    hidden_keys: see ref.plan_attention; a request with hidden keys has no prompt rows."""
+    hidden_keys: as in ref.py (its module docstring); a request with hidden keys has no prompt rows."""
     cu_q, kv = cu_seqlens_q.tolist(), kv_lens.tolist()
     cu_tree = cu_tree_mask.tolist() if cu_tree_mask is not None else None
     req_ids = []

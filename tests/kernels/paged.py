@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.attention.ref import _slot_ids
+
 
 def random_tree_mask(num_nodes: int, gen: torch.Generator) -> torch.Tensor:
     """Ancestor-or-self mask [num_nodes, num_nodes] of a random tree whose parents come earlier."""
@@ -90,7 +92,7 @@ def without_hidden_keys(batch: PagedBatch, hidden: torch.Tensor) -> PagedBatch:
     keys, values, lens, tables, num_blocks = [], [], [], [], 0
     for i, kv_len in enumerate(batch.kv_lens.tolist()):
         pos = torch.tensor([p for p in range(kv_len) if not hidden[i, p]], dtype=torch.long)
-        slots = batch.block_tables[i].long()[pos // block_size] * block_size + pos % block_size
+        slots = _slot_ids(batch.block_tables[i], kv_len, block_size)[pos]
         blocks = -(-len(pos) // block_size)
         pad = blocks * block_size - len(pos)
         keys.append(torch.cat([k_flat[slots], k_flat.new_zeros(pad, *k_flat.shape[1:])]))
