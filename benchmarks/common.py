@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ class RequestTiming:
     e2e: float = 0.0
     token_times: list[float] = field(default_factory=list)
     usage: dict = field(default_factory=dict)
+    sent_at: float = 0.0  # seconds from the load's start (run_arrivals)
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, prompt: str, category: str, max_tokens: int,
@@ -143,6 +145,39 @@ async def run_load(url: str, prompts: list[dict], concurrency: int, max_tokens: 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     return timings, time.perf_counter() - start
+
+
+def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
+    """Start times (seconds) of `count` requests arriving as a Poisson process of `rate` per second;
+    the same seed gives every method the same schedule."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(count):
+        t += rng.expovariate(rate)
+        times.append(t)
+    return times
+
+
+async def run_arrivals(url: str, prompts: list[dict], rate: float, max_tokens: int,
+                       extra: dict | None = None, seed: int = 0) -> tuple[list[RequestTiming], float]:
+    """Open loop: send each prompt at its arrival time (`poisson_arrivals`), whatever is still in flight.
+
+    Unlike run_load's closed loop, the offered load does not grow when the server answers sooner, as
+    with real traffic: with N clients in a closed loop, a method that finishes some requests sooner
+    also brings the next prompts sooner, and every request in flight shares those prompts' prefill."""
+    start = time.perf_counter()
+
+    async def send(client, p, at):
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        sent_at = time.perf_counter() - start
+        timing = await stream_chat(client, url, p["prompt"], p["category"], max_tokens, extra)
+        timing.sent_at = sent_at
+        return timing
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as client:
+        timings = await asyncio.gather(*(send(client, p, at) for p, at in
+                                         zip(prompts, poisson_arrivals(len(prompts), rate, seed))))
+    return list(timings), time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:

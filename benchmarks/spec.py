@@ -12,7 +12,14 @@ mean acceptance length, per category; latency percentiles overall) and one JSON 
 the JSON to --out with PNG charts beside it (speedup by concurrency per method, latency percentiles).
 
     .venv/bin/python benchmarks/spec.py [--per-category 10] [--concurrency 1 4 8 16] [--max-tokens 128]
-                                        [--workload mixed|per-category]
+                                        [--workload mixed|per-category] [--request-rates 0.5 0.7]
+
+`--request-rates` adds open-loop loads: the mixed prompts, shuffled, arrive as a Poisson process of
+that many requests per second (the same schedule for every method), as real traffic does; their rows
+have a `rate` instead of a `concurrency`, and every tok/s there (overall too) is the requests' own
+rate: output tokens over their summed end-to-end time. In the closed loops (`--concurrency`), a
+method that finishes some requests sooner brings the next prompts sooner, so the other requests in
+flight share more prefill; an open loop offers every method the same load.
 
 PaSS variants (`--pass-variants trained:two_call untrained:fused ...`): look-ahead embeddings and
 mode are server settings, so each variant gets its own ragged server and its rows are labelled
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import random
 import sys
 import tempfile
 from collections import defaultdict
@@ -33,8 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_load,  # noqa: E402
-                               write_results)
+from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_arrivals,  # noqa: E402
+                               run_load, write_results)
 
 METHODS = ("none", "ngram", "jacobi", "pass")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,6 +67,13 @@ def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: 
     extra = {"speculative": {"method": method}}
     timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
     return summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")
+
+
+def measure_open_loop(server: Server, prompts, method: str, rate: float, max_tokens: int, layout: str) -> list[dict]:
+    extra = {"speculative": {"method": method}}
+    shuffled = random.Random(0).sample(prompts, len(prompts))  # categories interleaved, the same for every method
+    timings, wall = asyncio.run(run_arrivals(server.url, shuffled, rate, max_tokens, extra))
+    return summarize(timings, wall, layout=layout, method=method, concurrency=None, rate=rate, server="main")
 
 
 def measure_per_category(server: Server, prompts, method: str, concurrency: int, max_tokens: int,
@@ -103,10 +118,13 @@ def summarize(timings, wall: float, **labels) -> list[dict]:
         spec = [t.usage.get("speculative") or {} for t in ts]
         steps = sum(s.get("steps", 0) for s in spec)
         accepted = sum(s.get("accepted_tokens", 0) for s in spec)
+        own_rate = tokens / sum(t.e2e for t in ts)
+        closed_loop = labels["concurrency"] is not None
         rows.append({
             **labels, "category": category,
-            # "all" is aggregate throughput over the wall time; a category's is its requests' own rate.
-            "tok_s": tokens / wall if category == "all" else tokens / sum(t.e2e for t in ts) * labels["concurrency"],
+            # Closed loop: "all" is aggregate throughput over the wall time, a category's is its requests'
+            # own rate x the clients. Open loop (a request rate): the requests' own rate throughout.
+            "tok_s": tokens / wall if category == "all" and closed_loop else own_rate * (labels["concurrency"] or 1),
             "mean_accept_len": (steps + accepted) / steps if steps else 0.0,
             "requests": len(ts),
             **(latency_summary(ts) if category == "all" else {}),
@@ -116,17 +134,18 @@ def summarize(timings, wall: float, **labels) -> list[dict]:
 
 def add_speedups(rows: list[dict]) -> None:
     """Over `none` on the same server (PaSS variants measure their own) at the same concurrency."""
-    base = {(r["server"], r["concurrency"], r["category"]): r["tok_s"]
+    base = {(r["server"], r["concurrency"], r.get("rate"), r["category"]): r["tok_s"]
             for r in rows if r["method"] == "none" and r["layout"] == "ragged"}
     for r in rows:
-        ref = base.get((r["server"], r["concurrency"], r["category"]))
+        ref = base.get((r["server"], r["concurrency"], r.get("rate"), r["category"]))
         r["speedup"] = r["tok_s"] / ref if ref else float("nan")
 
 
 def layout_ratios(rows: list[dict]) -> list[dict]:
-    """Ragged throughput over each padded layout's, per method and concurrency (all categories)."""
+    """Ragged throughput over each padded layout's, per method and concurrency (all categories; closed loops)."""
     ragged = {(r["method"], r["concurrency"]): r["tok_s"] for r in rows
-              if r["layout"] == "ragged" and r["category"] == "all" and r["server"] == "main"}
+              if r["layout"] == "ragged" and r["category"] == "all" and r["server"] == "main"
+              and r["concurrency"] is not None}
     return [{"layout": r["layout"], "method": r["method"], "concurrency": r["concurrency"],
              "ratio": ragged[(r["method"], r["concurrency"])] / r["tok_s"]}
             for r in rows if r["layout"] != "ragged" and r["category"] == "all"
@@ -163,6 +182,8 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
     ap.add_argument("--pass-variants", nargs="*", default=[],
                     help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call : L)")
+    ap.add_argument("--request-rates", type=float, nargs="*", default=[],
+                    help="open-loop loads too: mixed prompts arriving as a Poisson process of R requests/s")
     ap.add_argument("--workload", choices=["mixed", "per-category"], default="mixed",
                     help="mixed: every category in one load; per-category: each category alone (measure_per_category)")
     ap.add_argument("--out", type=Path, default=RESULTS / "spec.json", help="result JSON; PNG charts go beside it")
@@ -179,6 +200,10 @@ def main() -> None:
                         continue  # no drafts, or no other request: nothing to pad
                     run = measure_per_category if args.workload == "per-category" else measure
                     rows += run(server, prompts, method, concurrency, args.max_tokens, layout)
+            for rate in args.request_rates:
+                for method in args.methods:
+                    if layout == "ragged" or method != "none":
+                        rows += measure_open_loop(server, prompts, method, rate, args.max_tokens, layout)
     with tempfile.TemporaryDirectory() as tmp:
         for label, flags in pass_variant_servers(args.pass_variants, args.server_args.split(), Path(tmp)):
             with Server("--kv-cache-tokens", "32768", *flags) as server:
@@ -186,13 +211,13 @@ def main() -> None:
                 for concurrency in args.concurrency:
                     rows += measure_side_by_side(server, prompts, concurrency, args.max_tokens, label)
     add_speedups(rows)
-    print_table(rows, ["server", "layout", "method", "concurrency", "category", "tok_s", "speedup", "mean_accept_len",
+    print_table(rows, ["server", "layout", "method", "concurrency", "rate", "category", "tok_s", "speedup", "mean_accept_len",
                        "requests"])
     ratios = layout_ratios(rows)
     for r in ratios:
         print(f"ragged / {r['layout']}: {r['method']} at {r['concurrency']} clients {r['ratio']:.3f}")
     write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                   "workload": args.workload, "rows": rows, "layout_ratios": ratios},
+                   "workload": args.workload, "request_rates": args.request_rates, "rows": rows, "layout_ratios": ratios},
                   args.out)
 
 
