@@ -30,7 +30,9 @@ draft only pays when it is likely to be accepted. The controller therefore
   a plain step, so on a CPU, where rows cost step time, a mixed batch drafts little; where rows are
   nearly free (a GPU) it drafts as before. (Measured after it: MT-bench still 0.85-0.92x at 8 and
   16 clients; the controller's own predictions say its plans are fair, so what is left is their
-  error or something outside the plan: spec_cpu.txt, session 12.) `--spec-fairness` sets the share;
+  error or something outside the plan: spec_cpu.txt, session 12. Those were closed loops, where the
+  others' faster turnover also brings more prompts into its steps; with the same prompts arriving
+  as an open loop it measured 0.99-1.19x: spec_cpu.txt, session 17.) `--spec-fairness` sets the share;
   0 turns the rule off, for more throughput (spec_cpu.txt, session 15).
 """
 from __future__ import annotations
