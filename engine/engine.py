@@ -67,8 +67,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
         cost_model = self.spec.controller.cost_model
         cost_model.calibrate(self._forward_rows, self._calibration_rows())
-        if ATTENTION_CALIBRATION[0] + ATTENTION_CALIBRATION[1] <= self.kv.num_free_blocks * self.kv.block_size:
-            cost_model.calibrate_attention(self._forward_rows, *ATTENTION_CALIBRATION)
+        rows, context = ATTENTION_CALIBRATION
+        if rows * (context + 1) <= self.kv.num_free_blocks * self.kv.block_size:
+            cost_model.calibrate_attention(self._forward_rows, rows, context)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -126,6 +127,7 @@ class LLMEngine:
         stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
         stats.num_key_rows = sum((s.num_new_tokens + s.num_lookahead + (len(s.draft) if s.draft is not None else 0))
                                  * (s.request.num_cache_slots + s.num_new_tokens) for s in sched.scheduled)
+        stats.num_key_loads = sum(s.request.num_cache_slots + s.num_new_tokens for s in sched.scheduled)
         moves = [accepted_path_moves(s, v.result) for s, v in zip(entries, verified)]
         padding = self.spec.kv_padding(entries, verified)
         self.scheduler.update_after_step(sched)
@@ -205,21 +207,24 @@ class LLMEngine:
         capacity = self.kv.num_free_blocks * self.kv.block_size
         return tuple(n for n in CALIBRATION_ROWS if n + 1 <= capacity) or (1,)
 
-    def _forward_rows(self, num_rows: int, context: int = 1) -> None:
-        """One forward over num_rows rows, all scored (a verify step's shape): a chain of drafts
-        after `context` tokens in the cache (their K/V left as the cache holds them: only the time
-        counts).
+    def _forward_rows(self, num_rows: int, context: int = 1, num_requests: int = 1) -> None:
+        """One forward over num_requests x num_rows rows, all scored (a verify step's shape): each
+        request a chain of drafts after `context` tokens in the cache (their K/V left as the cache
+        holds them: only the time counts).
 
-        The probe's first row is a generated token after a one-token prompt, as a decode row is: a
+        A probe's first row is a generated token after a one-token prompt, as a decode row is: a
         prompt row would take the int8 dtypes' fp32 prompt path (engine/models/linear.py), which made
         every calibrated point 2-3x a real verify step's and kept the controller from drafting."""
-        probe = Request("__calibration__", [0] * (context + 1), 1, SamplingParams(), num_computed_tokens=context)
-        self.kv.allocate(probe, context + num_rows)
+        probes = [Request(f"__calibration_{i}__", [0] * (context + 1), 1, SamplingParams(),
+                          num_computed_tokens=context) for i in range(num_requests)]
         draft = DraftTree([0] * (num_rows - 1), list(range(-1, num_rows - 2))) if num_rows > 1 else None
         try:
-            self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft)]))
+            for probe in probes:
+                self.kv.allocate(probe, context + num_rows)
+            self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft) for probe in probes]))
         finally:
-            self.kv.free(probe)
+            for probe in probes:
+                self.kv.free(probe)
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -253,8 +258,10 @@ class LLMEngine:
         stats.kv_cache_usage = self.kv.usage
         if stats.num_prefill_tokens == 0 and stats.spec:
             controller = self.spec.controller
-            stats.speedup = controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time)
+            stats.speedup = controller.speedup(len(stats.spec), stats.num_generated_tokens, step_time,
+                                               stats.num_key_loads)
             num_rows = stats.num_decode_tokens + sum(r.num_draft for r in stats.spec) + stats.num_lookahead_rows
-            controller.cost_model.observe(num_rows, step_time, key_rows=stats.num_key_rows)
+            controller.cost_model.observe(num_rows, step_time, key_rows=stats.num_key_rows,
+                                          key_loads=stats.num_key_loads)
         stats.finished, self._pending_finished = self._pending_finished, []
         self.last_stats = stats

@@ -266,6 +266,8 @@ class StepStats:
     """PaSS look-ahead rows computed this step (rows that neither decode nor verify)."""
     num_key_rows: int = 0
     """(row, context key) pairs the step's attention computed: the draft controller's attention term."""
+    num_key_loads: int = 0
+    """Context keys the step's requests read (each request's once for all its rows): the other term."""
     num_preemptions: int = 0
     kv_cache_usage: float = 0.0
     spec: list[SpecRecord] = field(default_factory=list)

@@ -55,14 +55,23 @@ FAIRNESS = 0.96  # default least expected rate, over its plain rate, a plan may 
 
 class StepCostModel:
     """Seconds per step: a piecewise-linear curve by number of token rows (calibrated at a context of
-    one token: the linears, norms, sampling) plus seconds_per_key_row x the step's (row, context key)
-    pairs (attention). Without the second term a draft row looked as cheap at 600 keys of context as
-    at one, and online observations of verify steps inflated the whole curve instead: at 16 clients
-    (fp32) the controller predicted verify steps 5% over plain ones that ran 30% over."""
+    one token: the linears, norms, sampling) plus attention: seconds_per_key_row x the step's (row,
+    context key) pairs and seconds_per_key_load x the context keys its requests read (each request's
+    keys leave memory once for all of its rows: kernels/attention/cpu.c).
 
-    def __init__(self, points: dict[int, float] | None = None, seconds_per_key_row: float = 0.0):
+    Without the row term a draft row looked as cheap at 600 keys of context as at one, and online
+    observations of verify steps inflated the whole curve instead: at 16 clients (fp32) the controller
+    predicted verify steps 5% over plain ones that ran 30% over. Without the load term a decode row,
+    whose request reads its keys for it alone, looked as cheap as a draft row reading them alongside
+    its request's others: measured (fp32, 512 keys) 2.7 us per key row for 16 requests of one row and
+    1.3 us for one request of 16 rows. Plain decode steps then ran ~9% over the prediction at 8
+    clients, so the live speedup read ~0.93 for steps that drafted nothing (session 17)."""
+
+    def __init__(self, points: dict[int, float] | None = None, seconds_per_key_row: float = 0.0,
+                 seconds_per_key_load: float = 0.0):
         self.points = dict(points or {1: 1.0, 128: 1.0})  # flat until calibrated: rows look free
         self.seconds_per_key_row = seconds_per_key_row
+        self.seconds_per_key_load = seconds_per_key_load
 
     def calibrate(self, run_rows: Callable[[int], None], rows=CALIBRATION_ROWS, repeats: int = 3) -> None:
         """Time `run_rows(n)` (one forward over n rows) and keep the fastest of `repeats` per n.
@@ -79,25 +88,34 @@ class StepCostModel:
         self.points = points
         self._make_monotonic()
 
-    def calibrate_attention(self, run_rows: Callable[[int, int], None], rows: int = 16, context: int = 512,
+    def calibrate_attention(self, run_rows: Callable[..., None], rows: int = 16, context: int = 512,
                             repeats: int = 3) -> None:
-        """seconds_per_key_row from `run_rows(rows, context)` against the curve's cost of those rows."""
-        best = float("inf")
-        for _ in range(repeats):
+        """Both attention terms from two steps of `rows` rows over `context` keys each, against the
+        curve's cost of those rows: one request of `rows` rows (`run_rows(rows, context)`: the keys read
+        once) and `rows` requests of one row (`run_rows(1, context, rows)`: read `rows` times)."""
+        shared = separate = float("inf")
+        for _ in range(repeats):  # rounds over both shapes, as in calibrate
             start = time.perf_counter()
             run_rows(rows, context)
-            best = min(best, time.perf_counter() - start)
-        self.seconds_per_key_row = max(0.0, (best - self.cost(rows)) / (rows * context))
+            shared = min(shared, time.perf_counter() - start)
+            start = time.perf_counter()
+            run_rows(1, context, rows)
+            separate = min(separate, time.perf_counter() - start)
+        key_rows = rows * context
+        shared, separate = shared - self.cost(rows), separate - self.cost(rows)
+        self.seconds_per_key_load = max(0.0, (separate - shared) / (key_rows - context))
+        self.seconds_per_key_row = max(0.0, (shared - self.seconds_per_key_load * context) / key_rows)
 
-    def attention(self, key_rows: float) -> float:
-        return self.seconds_per_key_row * key_rows
+    def attention(self, key_rows: float, key_loads: float = 0.0) -> float:
+        return self.seconds_per_key_row * key_rows + self.seconds_per_key_load * key_loads
 
-    def observe(self, num_rows: int, seconds: float, rate: float = ONLINE_RATE, key_rows: float = 0.0) -> None:
-        """Move the curve toward a measured step (its attention term taken out): the error is shared
+    def observe(self, num_rows: int, seconds: float, rate: float = ONLINE_RATE, key_rows: float = 0.0,
+                key_loads: float = 0.0) -> None:
+        """Move the curve toward a measured step (its attention terms taken out): the error is shared
         by the two neighbouring points in proportion to their interpolation weights (online least
         squares)."""
         xs = sorted(self.points)
-        error = seconds - self.attention(key_rows) - self.cost(num_rows)
+        error = seconds - self.attention(key_rows, key_loads) - self.cost(num_rows)
         if num_rows <= xs[0] or num_rows >= xs[-1]:
             end = xs[0] if num_rows <= xs[0] else xs[-1]
             self.points[end] += rate * error
@@ -177,7 +195,8 @@ class DraftController:
         """request_id -> drafts to keep; proposals hold (request, method, depth of each draft node).
 
         num_base_rows: the step's decoding requests, with or without proposals (one row each), and
-        base_key_rows the context keys their rows attend to. A draft row attends to its request's.
+        base_key_rows the context keys their rows attend to (each request reads its own). A draft row
+        attends to its request's keys, read once for all of the request's rows.
         rows_per_draft: rows one draft of a method costs (default 1; PaSS pays a look-ahead row too).
         """
         if not self.adaptive:
@@ -189,7 +208,7 @@ class DraftController:
             gains += [(alpha ** depth, rows, rid, rows * request.num_tokens) for depth in depths]
         gains.sort(key=lambda g: -g[0] / g[1])
         model = self.cost_model
-        base_cost = model.cost(num_base_rows) + model.attention(base_key_rows)
+        base_cost = model.cost(num_base_rows) + model.attention(base_key_rows, base_key_rows)
         best_count, best_rate = 0, num_base_rows / base_cost
         total_gain = total_rows = key_rows = 0.0
         request_gain: dict[str, float] = {}  # expected gain of each request kept so far
@@ -200,7 +219,7 @@ class DraftController:
             key_rows += draft_key_rows
             without_drafts -= rid not in request_gain
             request_gain[rid] = request_gain.get(rid, 0.0) + gain
-            cost = model.cost(num_base_rows + total_rows) + model.attention(base_key_rows + key_rows)
+            cost = model.cost(num_base_rows + total_rows) + model.attention(base_key_rows + key_rows, base_key_rows)
             least_gain = 0.0 if without_drafts else min(request_gain.values())
             if (1.0 + least_gain) * base_cost < self.fairness * cost:
                 continue  # some request would decode slower than fairness x plain
@@ -228,9 +247,13 @@ class DraftController:
                 request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
         return keep
 
-    def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float) -> float | None:
-        """Tokens/s this step / tokens/s a plain decode step of the same batch would give (calibrated)."""
+    def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float,
+                context_keys: float = 0.0) -> float | None:
+        """Tokens/s this step / tokens/s a plain decode step of the same batch would give (calibrated);
+        context_keys: the keys the requests' rows read (their attention in a plain step)."""
         if num_decode_requests == 0 or step_time <= 0:
             return None
-        plain_rate = num_decode_requests / self.cost_model.cost(num_decode_requests)
+        model = self.cost_model
+        plain_cost = model.cost(num_decode_requests) + model.attention(context_keys, context_keys)
+        plain_rate = num_decode_requests / plain_cost
         return (num_emitted / step_time) / plain_rate

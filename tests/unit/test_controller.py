@@ -225,6 +225,30 @@ def test_draft_rows_pay_for_the_keys_they_attend_to():
     assert model.cost(16) == pytest.approx(before)
 
 
+def test_attention_calibration_separates_keys_read_from_rows_scored(monkeypatch):
+    """One request of 16 rows reads its 512 keys once; 16 requests of one row read them 16 times. The
+    two probes give both terms, and a plain step's prediction then counts each request's own read."""
+    import engine.spec.controller as controller_module
+
+    per_row, per_load, curve = 1e-6, 2e-6, {1: 0.02, 16: 0.03, 128: 0.1}
+    clock = {"now": 0.0}
+    monkeypatch.setattr(controller_module.time, "perf_counter", lambda: clock["now"])
+
+    def run_rows(rows, context, num_requests=1):  # a step of num_requests x rows rows, each request's keys read once
+        clock["now"] += curve[16] + per_row * rows * num_requests * context + per_load * num_requests * context
+
+    model = StepCostModel(curve)
+    model.calibrate_attention(run_rows, rows=16, context=512)
+    assert model.seconds_per_key_row == pytest.approx(per_row)
+    assert model.seconds_per_key_load == pytest.approx(per_load)
+    controller = DraftController(model)
+    plain_step = model.cost(16) + (per_row + per_load) * 16 * 700  # 16 decode rows, 700 keys each
+    assert controller.speedup(16, 16, plain_step, context_keys=16 * 700) == pytest.approx(1.0)
+    before = model.cost(16)  # an observed step has both terms taken out before the curve learns
+    model.observe(16, plain_step, key_rows=16 * 700, key_loads=16 * 700)
+    assert model.cost(16) == pytest.approx(before)
+
+
 def test_fairness_zero_lets_good_drafts_buy_rows_a_draftless_neighbour_pays_for():
     """--spec-fairness: with a request that has nothing to draft beside it, the default keeps the
     step within 1/0.96 of a plain one; 0 plans for the batch's tokens alone and drafts more."""
