@@ -133,7 +133,8 @@ def summarize(timings, wall: float, **labels) -> list[dict]:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Over `none` on the same server (PaSS variants measure their own) at the same concurrency."""
+    """Over `none` on the same server (PaSS variants measure their own) at the same concurrency or
+    request rate."""
     base = {(r["server"], r["concurrency"], r.get("rate"), r["category"]): r["tok_s"]
             for r in rows if r["method"] == "none" and r["layout"] == "ragged"}
     for r in rows:
@@ -211,13 +212,14 @@ def main() -> None:
                 for concurrency in args.concurrency:
                     rows += measure_side_by_side(server, prompts, concurrency, args.max_tokens, label)
     add_speedups(rows)
-    print_table(rows, ["server", "layout", "method", "concurrency", "rate", "category", "tok_s", "speedup", "mean_accept_len",
-                       "requests"])
+    print_table(rows, ["server", "layout", "method", "concurrency", "rate", "category", "tok_s", "speedup",
+                       "mean_accept_len", "requests"])
     ratios = layout_ratios(rows)
     for r in ratios:
         print(f"ragged / {r['layout']}: {r['method']} at {r['concurrency']} clients {r['ratio']:.3f}")
     write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                   "workload": args.workload, "request_rates": args.request_rates, "rows": rows, "layout_ratios": ratios},
+                   "workload": args.workload, "request_rates": args.request_rates, "rows": rows,
+                   "layout_ratios": ratios},
                   args.out)
 
 
