@@ -32,7 +32,7 @@ draft only pays when it is likely to be accepted. The controller therefore
   16 clients; the controller's own predictions say its plans are fair, so what is left is their
   error or something outside the plan: spec_cpu.txt, session 12. Those were closed loops, where the
   others' faster turnover also brings more prompts into its steps; with the same prompts arriving
-  as an open loop it measured 0.99-1.19x: spec_cpu.txt, session 17.) `--spec-fairness` sets the share;
+  as an open loop it measured 0.93-1.19x: spec_cpu.txt, session 17.) `--spec-fairness` sets the share;
   0 turns the rule off, for more throughput (spec_cpu.txt, session 15).
 """
 from __future__ import annotations
