@@ -109,6 +109,10 @@ class StepCostModel:
     def attention(self, key_rows: float, key_loads: float = 0.0) -> float:
         return self.seconds_per_key_row * key_rows + self.seconds_per_key_load * key_loads
 
+    def plain_step(self, num_requests: int, context_keys: float) -> float:
+        """A plain decode step: one row per request, each reading its own context keys."""
+        return self.cost(num_requests) + self.attention(context_keys, context_keys)
+
     def observe(self, num_rows: int, seconds: float, rate: float = ONLINE_RATE, key_rows: float = 0.0,
                 key_loads: float = 0.0) -> None:
         """Move the curve toward a measured step (its attention terms taken out): the error is shared
@@ -208,7 +212,7 @@ class DraftController:
             gains += [(alpha ** depth, rows, rid, rows * request.num_tokens) for depth in depths]
         gains.sort(key=lambda g: -g[0] / g[1])
         model = self.cost_model
-        base_cost = model.cost(num_base_rows) + model.attention(base_key_rows, base_key_rows)
+        base_cost = model.plain_step(num_base_rows, base_key_rows)
         best_count, best_rate = 0, num_base_rows / base_cost
         total_gain = total_rows = key_rows = 0.0
         request_gain: dict[str, float] = {}  # expected gain of each request kept so far
@@ -253,7 +257,5 @@ class DraftController:
         context_keys: the keys the requests' rows read (their attention in a plain step)."""
         if num_decode_requests == 0 or step_time <= 0:
             return None
-        model = self.cost_model
-        plain_cost = model.cost(num_decode_requests) + model.attention(context_keys, context_keys)
-        plain_rate = num_decode_requests / plain_cost
+        plain_rate = num_decode_requests / self.cost_model.plain_step(num_decode_requests, context_keys)
         return (num_emitted / step_time) / plain_rate
