@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1], help="rows per request (1 + chain drafts)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn"])
+    ap.add_argument("--linear-backend", default="auto", choices=["auto", "dense", "onednn", "f32_matmul"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "int8", "int8-fast"])
     ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     args = ap.parse_args()

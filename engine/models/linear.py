@@ -1,8 +1,11 @@
 """The linear-layer backends of engine/models/llama.py, all behind one call signature:
 `linear(x, weight, bias, norm=(weight, eps) applied to x first, residual that receives the output in place)`.
 
-- fp32: F.linear (MKL) or oneDNN with pre-packed weights, whichever `measure_backends` finds faster
-  on this machine at load time (oneDNN was ~1.3-1.5x faster for few rows on the dev CPU).
+- fp32: F.linear (MKL), oneDNN with pre-packed weights, or specd's own weight-stationary kernel
+  (kernels/f32_matmul: a row's bits never depend on the other rows), whichever `measure_backends`
+  finds fastest on this machine at load time. On a 2-core Intel KVM guest the default model's linears
+  took 21.6 / 52.7 ms for 1 / 8 rows with F.linear, 25.2 / 32.4 with oneDNN, 20.3 / 24.8 with
+  f32_matmul: its verify steps cost little more than a decode step.
 - int8 dtypes: `PromptRowsDense`, which runs prompt-token rows through a dense oneDNN linear (bf16 in
   calls of 64-192 rows where the CPU has AMX and that measures faster, else fp32) and every other row
   (decoding, drafts, look-ahead rows) through the int8 layer of engine/models/int8.py.
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from engine.models.int8 import Int8Weight, RowScaledInt8Linear
 from kernels.bf16_rows import cpu as bf16_rows
+from kernels.f32_matmul import cpu as f32_matmul
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,17 @@ def onednn_linear_two_rows(x, weight, bias):
     if x.shape[0] != 1:
         return onednn_linear(x, weight, bias)
     return onednn_linear(torch.cat([x, x]), weight, bias)[:1]
+
+
+class PanelLinear:
+    """fp32 linear through kernels/f32_matmul (weights packed by f32_matmul.pack)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def __call__(self, x, weight: f32_matmul.PackedF32, bias):
+        y = f32_matmul.f32_matmul(self.lib, x, weight)
+        return y if bias is None else y.add_(bias)
 
 
 def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
@@ -155,31 +170,54 @@ class FusedLinear:
         return y if residual is None else residual.add_(y)
 
 
+FP32_BACKENDS = ("dense", "onednn", "f32_matmul")
+
+
+def fp32_backend(name: str):
+    """(pack, matmul) of an fp32 backend; RuntimeError where it cannot run here."""
+    if name == "dense":
+        return (lambda w: w), dense_linear
+    if name == "onednn":
+        return pack_onednn, onednn_linear
+    lib = f32_matmul.load()
+    if lib is None:
+        raise RuntimeError("kernels/f32_matmul needs a C compiler and a CPU with AVX2 + FMA")
+    return f32_matmul.pack, PanelLinear(lib)
+
+
 def measure_backends(weights: list[torch.Tensor], reps: int = 5) -> str:
-    """Time F.linear against packed oneDNN on some layers' weights (more than the cache holds)."""
-    packed = [pack_onednn(w) for w in weights]
-    hidden = weights[0].shape[1]
+    """The fastest fp32 backend on some layers' weights (more than the cache holds), for 1 and 8 rows
+    (a decode step and a verify step); another backend must beat F.linear by 5% and match it."""
     gen = torch.Generator().manual_seed(0)
     inputs = {m: {w.shape[1]: torch.randn(m, w.shape[1], generator=gen) for w in weights} for m in (1, 8)}
+    ref = F.linear(inputs[8][weights[0].shape[1]], weights[0])
+    candidates = {}
+    for name in FP32_BACKENDS:
+        try:
+            pack, matmul = fp32_backend(name)
+            packed = [pack(w) for w in weights]
+            err = (matmul(inputs[8][weights[0].shape[1]], packed[0], None) - ref).abs().max() / ref.abs().max()
+        except RuntimeError as e:  # an oneDNN build without the packed-linear op; no compiler or AVX2
+            log.info("linear backend %s unavailable (%s)", name, e)
+            continue
+        if err < 1e-5:
+            candidates[name] = (matmul, packed)
 
-    def run(fn, ws, m):
+    def run(matmul, packed, m):
         t = time.perf_counter()
-        for w in ws:
-            fn(inputs[m][w.shape[1]], w, None)
+        for w, p in zip(weights, packed):
+            matmul(inputs[m][w.shape[1]], p, None)
         return time.perf_counter() - t
 
-    best = {(b, m): float("inf") for b in ("dense", "onednn") for m in (1, 8)}
+    best = {(name, m): float("inf") for name in candidates for m in (1, 8)}
     for _ in range(reps):  # interleaved, best of reps per shape: robust to a noisy neighbour
         for m in (1, 8):
-            best["dense", m] = min(best["dense", m], run(dense_linear, weights, m))
-            best["onednn", m] = min(best["onednn", m], run(onednn_linear, packed, m))
-    dense, onednn = (sum(best[b, m] for m in (1, 8)) for b in ("dense", "onednn"))
-    x = inputs[1][hidden]
-    ref = F.linear(x, weights[0])
-    err = (onednn_linear(x, packed[0], None) - ref).abs().max() / ref.abs().max()
-    choice = "onednn" if onednn < 0.95 * dense and err < 1e-5 else "dense"
-    log.info("linear backend %s (dense %.2f ms, onednn %.2f ms for rows 1 + 8, rel err %.1e)", choice,
-             dense * 1e3, onednn * 1e3, err)
+            for name, (matmul, packed) in candidates.items():
+                best[name, m] = min(best[name, m], run(matmul, packed, m))
+    total = {name: best[name, 1] + best[name, 8] for name in candidates}
+    choice = min(total, key=lambda name: total[name] / (1.0 if name == "dense" else 0.95))
+    log.info("linear backend %s (rows 1 + 8: %s)", choice,
+             ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in total.items()))
     return choice
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
 from engine.models.int8_layers import Int8Layers
-from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, choose_prompt_linear, dense_linear,
-                                  measure_backends, onednn_linear, pack_onednn, swiglu_block)
+from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, choose_prompt_linear, fp32_backend,
+                                  measure_backends, swiglu_block)
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rescore import rescore_top_k
 from kernels.rope import rotate_and_store
@@ -118,12 +118,12 @@ class LlamaModel:
         self.int8_layers: Int8Layers | None = None  # int8 decoding steps' layers on the CPU (None: layer by op)
         if self.linear_backend == "int8":
             self._init_int8(dtype)
-        elif self.linear_backend == "onednn":
-            self._linear = self._logits_linear = FusedLinear(onednn_linear)
-            self._pack_layers(lambda weight, name: pack_onednn(weight))
-            self.lm_head = pack_onednn(self.lm_head)  # a tied lm_head gets its own copy: the embedding stays dense
         else:
-            self._linear = self._logits_linear = FusedLinear(dense_linear)
+            pack, matmul = fp32_backend(self.linear_backend)
+            self._linear = self._logits_linear = FusedLinear(matmul)
+            if self.linear_backend != "dense":
+                self._pack_layers(lambda weight, name: pack(weight))
+                self.lm_head = pack(self.lm_head)  # a tied lm_head gets its own copy: the embedding stays dense
 
     def _init_int8(self, dtype: str) -> None:
         def quantize(weight, name):
@@ -175,13 +175,9 @@ class LlamaModel:
     def _choose_backend(self, requested: str) -> str:
         if requested != "auto":
             return requested
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        if self.device.type != "cpu" or self.dtype != torch.float32:
             return "dense"
-        try:
-            return measure_backends([getattr(layer, n) for layer in self.layers[:8] for n in layer.linear_weights()])
-        except RuntimeError as e:  # an oneDNN build without the packed-linear op
-            log.info("oneDNN linear unavailable (%s); using F.linear", e)
-            return "dense"
+        return measure_backends([getattr(layer, n) for layer in self.layers[:8] for n in layer.linear_weights()])
 
     def _pack_layers(self, pack) -> None:
         """Replace every decoder layer's linear weights by the backend's form, pack(weight, name)."""

@@ -87,19 +87,24 @@ def reference(engine, prompts) -> list[dict]:
     return [run(engine, [request(f"ref{i}", p, "none", logprobs=2)])[f"ref{i}"] for i, p in enumerate(prompts)]
 
 
-def int8_exact(engine) -> bool:
-    """int8 steps are row-exact when the C kernels built (kernels/cbuild.py; no C compiler: the torch
-    references run, and the near-tie rule applies as for fp32)."""
+def row_exact(engine) -> bool:
+    """Steps are row-exact when the C kernels built (kernels/cbuild.py; no C compiler: the torch
+    references run, and the near-tie rule applies): int8's, or fp32's through kernels/f32_matmul."""
     from kernels.attention import cpu
     from kernels.rowscale import uses_c
 
-    return engine.config.dtype == "int8" and cpu.load() is not None and uses_c()
+    if cpu.load() is None:
+        return False
+    if engine.config.dtype == "fp32":
+        return engine.runner.model.linear_backend == "f32_matmul"
+    return engine.config.dtype == "int8" and uses_c()
 
 
 def assert_lossless(ref: dict, got: list[int], label: str, exact: bool = False) -> None:
-    """Token-identical, except (unless exact) after a near tie: fp32 matmuls round differently by row
-    count. int8 is exact: its matmuls accumulate in int32 per row and its attention (kernels/attention/
-    cpu.c) gives every row the same bits whatever the step's shape."""
+    """Token-identical, except (unless exact) after a near tie: torch's fp32 matmuls round differently by
+    row count. int8 is exact: its matmuls accumulate in int32 per row; so is fp32 through kernels/
+    f32_matmul (one multiply-add chain per output); and the attention (kernels/attention/cpu.c) gives
+    every row the same bits whatever the step's shape."""
     n = min(len(ref["tokens"]), len(got))
     for i in range(n):
         if ref["tokens"][i] != got[i]:
@@ -119,7 +124,7 @@ def test_each_method_alone_equals_none(engine, prompts, reference, method):
     indices = range(0, len(prompts), 1 if engine.config.dtype == "fp32" else 3)
     for i in indices:
         got = run(engine, [request(f"{method}{i}", prompts[i], method)])[f"{method}{i}"]
-        assert_lossless(reference[i], got["tokens"], f"{method} prompt {i}", exact=int8_exact(engine))
+        assert_lossless(reference[i], got["tokens"], f"{method} prompt {i}", exact=row_exact(engine))
         total_draft += got["spec"].draft_tokens
         total_accepted += got["spec"].accepted_tokens
     assert total_draft > 0 and total_accepted > 0, f"{method} never drafted or never accepted"
@@ -136,7 +141,7 @@ def test_mixed_batch_of_8_equals_none(engine, prompts, reference):
         got = results[f"mix{i}"]["tokens"]
         assert len(got) == MAX_TOKENS - 4 * (k % 3) or got[-1] in engine.eos_token_ids
         ref = dict(reference[i], tokens=reference[i]["tokens"][:len(got)])
-        assert_lossless(ref, got, f"mixed batch, prompt {i} ({methods[k % 4]})", exact=int8_exact(engine))
+        assert_lossless(ref, got, f"mixed batch, prompt {i} ({methods[k % 4]})", exact=row_exact(engine))
 
 
 @pytest.mark.real_model
@@ -146,4 +151,4 @@ def test_batch_of_16_equals_each_alone(engine, prompts, reference):
     results = run(engine, [request(f"b16_{i}", p, "none") for i, p in enumerate(prompts[:16])])
     for i in range(16):
         assert_lossless(reference[i], results[f"b16_{i}"]["tokens"], f"batch of 16, prompt {i}",
-                        exact=int8_exact(engine))
+                        exact=row_exact(engine))

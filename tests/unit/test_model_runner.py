@@ -29,7 +29,7 @@ class _Blocks:
                        block_ids=[next(self._ids) for _ in range(num)])
 
 
-@pytest.fixture(scope="module", params=["dense", "onednn"])
+@pytest.fixture(scope="module", params=["dense", "onednn", "f32_matmul"])
 def runner(request, tiny_model_dir) -> ModelRunner:
     cfg = ModelConfig.from_hf_dir(tiny_model_dir)
     return ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 4096), linear_backend=request.param)

@@ -1,0 +1,50 @@
+"""`cpu.c` through kernels/cbuild.py (built on first use, cached), its weight packing and its call."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cbuild import F32P, I64, load as _load
+
+SOURCE = Path(__file__).with_name("cpu.c")
+PANEL = 16  # output columns per weight panel (cpu.c)
+SIGNATURES = (
+    ("f32_matmul_init", (), ctypes.c_int32),
+    ("f32_matmul", (F32P, I64, I64, F32P, I64, F32P, I64), ctypes.c_int32),
+)
+
+
+class PackedF32(NamedTuple):
+    """A weight [n, k] as [ceil(n / 16), k, 16] fp32 panels (zero columns past n)."""
+
+    panels: torch.Tensor
+    n: int
+    k: int
+
+
+def load():
+    """The library when its vector kernel runs here (AVX2 + FMA or AVX-512, and a compiler), else None."""
+    lib = _load(SOURCE, SIGNATURES)
+    return lib if lib is not None and lib.f32_matmul_init() == 1 else None
+
+
+def pack(weight: torch.Tensor) -> PackedF32:
+    n, k = weight.shape
+    padded = F.pad(weight.float(), (0, 0, 0, -n % PANEL))
+    return PackedF32(padded.view(-1, PANEL, k).transpose(1, 2).contiguous(), n, k)
+
+
+def f32_matmul(lib, x: torch.Tensor, packed: PackedF32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] fp32 -> [m, n] fp32 (into out, whose rows may be strided)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m, k = x.shape
+    assert x.dtype == torch.float32 and k == packed.k, (x.dtype, x.shape, packed.k)
+    out = torch.empty(m, packed.n) if out is None else out
+    assert out.dtype == torch.float32 and out.shape == (m, packed.n) and out.stride(1) == 1, (out.dtype, out.shape)
+    lib.f32_matmul(x.data_ptr(), m, k, packed.panels.data_ptr(), packed.n, out.data_ptr(), out.stride(0))
+    return out
