@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weight
 from engine.models.int8_layers import Int8Layers
-from engine.models.linear import (FusedLinear, HybridWeight, PromptRowsDense, choose_prompt_linear, fp32_backend,
+from engine.models.linear import (HybridWeight, PromptRowsDense, choose_prompt_linear, fp32_backend,
                                   measure_backends, swiglu_block)
 from kernels.attention import AttentionPlan, paged_attention
 from kernels.rescore import rescore_top_k
@@ -119,8 +119,8 @@ class LlamaModel:
         if self.linear_backend == "int8":
             self._init_int8(dtype)
         else:
-            pack, matmul = fp32_backend(self.linear_backend)
-            self._linear = self._logits_linear = FusedLinear(matmul)
+            pack, self._linear = fp32_backend(self.linear_backend)
+            self._logits_linear = self._linear
             if self.linear_backend != "dense":
                 self._pack_layers(lambda weight, name: pack(weight))
                 self.lm_head = pack(self.lm_head)  # a tied lm_head gets its own copy: the embedding stays dense

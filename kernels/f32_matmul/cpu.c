@@ -17,6 +17,9 @@
  * f32_matmul_init() returns 0 and the engine keeps torch's linear.
  */
 #include <stdint.h>
+#include <stdlib.h>
+
+#include "../rowscale/cpu.c" /* row_inv_rms: the RMSNorm every CPU kernel of specd shares */
 
 #define PANEL 16 /* output columns per panel */
 
@@ -26,9 +29,9 @@
 #define ROWS 8   /* rows per block: 8 rows x 3 panels = 24 accumulators of 32 registers */
 #define PANELS 3 /* panels per block */
 
-/* y[r, :cols] for rows r < mr of a block of `panels` panels from w (panel stride k * PANEL). */
+/* y[r, :cols] (+)= for rows r < mr of a block of `panels` panels from w (panel stride k * PANEL). */
 static inline void block(int mr, int panels, const float *x, int64_t k, const float *w, float *y, int64_t ldy,
-                         int64_t cols) {
+                         int64_t cols, int accumulate) {
     __m512 acc[ROWS][PANELS];
     for (int r = 0; r < ROWS; ++r)
         for (int p = 0; p < PANELS; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -50,7 +53,12 @@ static inline void block(int mr, int panels, const float *x, int64_t k, const fl
     for (int p = 0; p < panels; ++p) {
         const int64_t left = cols - p * PANEL;
         const __mmask16 mask = left >= PANEL ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int r = 0; r < mr; ++r) _mm512_mask_storeu_ps(y + r * ldy + p * PANEL, mask, acc[r][p]);
+        for (int r = 0; r < mr; ++r) {
+            float *dst = y + r * ldy + p * PANEL;
+            __m512 out = acc[r][p];
+            if (accumulate) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), out);
+            _mm512_mask_storeu_ps(dst, mask, out);
+        }
     }
 }
 
@@ -61,7 +69,7 @@ static inline void block(int mr, int panels, const float *x, int64_t k, const fl
 #define PANELS 1
 
 static inline void block(int mr, int panels, const float *x, int64_t k, const float *w, float *y, int64_t ldy,
-                         int64_t cols) {
+                         int64_t cols, int accumulate) {
     (void)panels;
     __m256 lo[ROWS], hi[ROWS];
     for (int r = 0; r < ROWS; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -80,7 +88,7 @@ static inline void block(int mr, int panels, const float *x, int64_t k, const fl
         float out[PANEL];
         _mm256_storeu_ps(out, lo[r]);
         _mm256_storeu_ps(out + 8, hi[r]);
-        for (int64_t c = 0; c < cols && c < PANEL; ++c) y[r * ldy + c] = out[c];
+        for (int64_t c = 0; c < cols && c < PANEL; ++c) y[r * ldy + c] = accumulate ? y[r * ldy + c] + out[c] : out[c];
     }
 }
 #else
@@ -91,14 +99,14 @@ static inline void block(int mr, int panels, const float *x, int64_t k, const fl
 /* One function per row count, so each block's loops unroll with a constant mr. */
 #define BLOCK_OF(MR)                                                                                           \
     static void block_##MR(int panels, const float *x, int64_t k, const float *w, float *y, int64_t ldy,      \
-                           int64_t cols) {                                                                     \
-        block(MR, panels, x, k, w, y, ldy, cols);                                                              \
+                           int64_t cols, int accumulate) {                                                     \
+        block(MR, panels, x, k, w, y, ldy, cols, accumulate);                                                  \
     }
 BLOCK_OF(1) BLOCK_OF(2) BLOCK_OF(3) BLOCK_OF(4) BLOCK_OF(5) BLOCK_OF(6)
 #if ROWS > 6
 BLOCK_OF(7) BLOCK_OF(8)
 #endif
-typedef void (*block_fn)(int, const float *, int64_t, const float *, float *, int64_t, int64_t);
+typedef void (*block_fn)(int, const float *, int64_t, const float *, float *, int64_t, int64_t, int);
 static const block_fn BLOCKS[] = {0, block_1, block_2, block_3, block_4, block_5, block_6,
 #if ROWS > 6
                                   block_7, block_8
@@ -109,10 +117,26 @@ static const block_fn BLOCKS[] = {0, block_1, block_2, block_3, block_4, block_5
 /* 1 when the vector kernel was compiled in (AVX2 + FMA, or AVX-512). */
 int32_t f32_matmul_init(void) { return VECTOR_PATH; }
 
-/* y[r, :n] = x[r, :k] @ w.T for r < m (rows of y `y_stride` apart); w packed as at the top. Threads
- * share the column blocks; each walks all row blocks over its weights while they sit in its L2. */
-int32_t f32_matmul(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y, int64_t y_stride) {
+/* y[r, :n] = x[r, :k] @ w.T for r < m (rows of y `y_stride` apart; accumulate: y[r] + that, one add,
+ * the bits of adding it afterwards); w packed as at the top. norm != NULL: x's rows are RMS-normalised
+ * first, times norm (kernels/rowscale's row_inv_rms), as torch's rms_norm then the matmul would.
+ * Threads share the column blocks; each walks all row blocks over its weights while they sit in its
+ * L2. Returns 0, or -1 without the vector kernel or memory. */
+int32_t f32_matmul(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y, int64_t y_stride,
+                   const float *norm, float eps, int32_t accumulate) {
 #if VECTOR_PATH
+    float *normed = NULL;
+    if (norm && m > 0) {
+        normed = malloc((size_t)(m * k) * sizeof(float));
+        if (!normed) return -1;
+#pragma omp parallel for schedule(static) if (m >= PARALLEL_ROWS)
+        for (int64_t r = 0; r < m; ++r) {
+            const float *xr = x + r * k;
+            const float inv_rms = row_inv_rms(xr, k, eps);
+            for (int64_t i = 0; i < k; ++i) normed[r * k + i] = xr[i] * inv_rms * norm[i];
+        }
+        x = normed;
+    }
     const int64_t panels = (n + PANEL - 1) / PANEL, groups = (panels + PANELS - 1) / PANELS;
 #pragma omp parallel for schedule(static) if (groups > 1)
     for (int64_t g = 0; g < groups; ++g) {
@@ -121,12 +145,13 @@ int32_t f32_matmul(const float *x, int64_t m, int64_t k, const float *w, int64_t
         for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
             const int64_t mr = m - r0 < ROWS ? m - r0 : ROWS;
             BLOCKS[mr]((int)count, x + r0 * k, k, wg, y + r0 * y_stride + first * PANEL, y_stride,
-                       n - first * PANEL);
+                       n - first * PANEL, accumulate);
         }
     }
+    free(normed);
     return 0;
 #else
-    (void)x; (void)m; (void)k; (void)w; (void)n; (void)y; (void)y_stride;
+    (void)x; (void)m; (void)k; (void)w; (void)n; (void)y; (void)y_stride; (void)norm; (void)eps; (void)accumulate;
     return -1;
 #endif
 }

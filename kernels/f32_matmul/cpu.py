@@ -8,13 +8,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.cbuild import F32P, I64, load as _load
+from kernels.cbuild import F32, F32P, I32, I64, load as _load
 
 SOURCE = Path(__file__).with_name("cpu.c")
 PANEL = 16  # output columns per weight panel (cpu.c)
 SIGNATURES = (
     ("f32_matmul_init", (), ctypes.c_int32),
-    ("f32_matmul", (F32P, I64, I64, F32P, I64, F32P, I64), ctypes.c_int32),
+    ("f32_matmul", (F32P, I64, I64, F32P, I64, F32P, I64, F32P, F32, I32), ctypes.c_int32),
 )
 
 
@@ -38,13 +38,21 @@ def pack(weight: torch.Tensor) -> PackedF32:
     return PackedF32(padded.view(-1, PANEL, k).transpose(1, 2).contiguous(), n, k)
 
 
-def f32_matmul(lib, x: torch.Tensor, packed: PackedF32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] fp32 -> [m, n] fp32 (into out, whose rows may be strided)."""
+def f32_matmul(lib, x: torch.Tensor, packed: PackedF32, out: torch.Tensor | None = None, norm=None,
+               accumulate: bool = False) -> torch.Tensor:
+    """x [m, k] fp32 -> [m, n] fp32 into out (rows may be strided; accumulate: added to what out holds).
+    norm=(weight, eps): x's rows RMS-normalised first."""
     if not x.is_contiguous():
         x = x.contiguous()
     m, k = x.shape
     assert x.dtype == torch.float32 and k == packed.k, (x.dtype, x.shape, packed.k)
+    assert out is not None or not accumulate
     out = torch.empty(m, packed.n) if out is None else out
     assert out.dtype == torch.float32 and out.shape == (m, packed.n) and out.stride(1) == 1, (out.dtype, out.shape)
-    lib.f32_matmul(x.data_ptr(), m, k, packed.panels.data_ptr(), packed.n, out.data_ptr(), out.stride(0))
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    assert norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
+                                   and norm_weight.shape == (k,))
+    if lib.f32_matmul(x.data_ptr(), m, k, packed.panels.data_ptr(), packed.n, out.data_ptr(), out.stride(0),
+                      None if norm_weight is None else norm_weight.data_ptr(), eps, int(accumulate)) != 0:
+        raise MemoryError("f32_matmul: no memory for the normalised rows")
     return out

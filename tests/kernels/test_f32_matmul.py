@@ -71,6 +71,26 @@ def test_output_rows_may_be_strided_and_empty_inputs_are_fine():
 
 
 @needs_lib
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_rms_norm_and_residual_in_the_same_call(rows):
+    """The accumulated output has the bits of adding the plain output afterwards; the fused RMSNorm is
+    torch's within rounding, and row by row."""
+    x, w = _matrices(rows, 40, 24, seed=rows)
+    packed, norm = cpu.pack(w), (torch.rand(24) + 0.5, 1e-5)
+    residual = torch.randn(rows, 40)
+    summed = cpu.f32_matmul(LIB, x, packed, out=residual.clone(), accumulate=True)
+    assert torch.equal(summed, residual + cpu.f32_matmul(LIB, x, packed))
+    normed = cpu.f32_matmul(LIB, x, packed, norm=norm)
+    expected = torch.nn.functional.rms_norm(x, (24,), *norm) @ w.T
+    assert (normed - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert torch.equal(torch.cat([cpu.f32_matmul(LIB, x[r : r + 1], packed, norm=norm) for r in range(rows)]), normed)
+    linear_fn = linear.fp32_backend("f32_matmul")[1]
+    out = residual.clone()
+    assert linear_fn(x, packed, None, norm=norm, residual=out) is out
+    assert torch.equal(out, residual + normed)
+
+
+@needs_lib
 def test_the_engine_linear_takes_a_bias_and_is_one_of_the_measured_backends():
     x, w = _matrices(4, 48, 32, seed=4)
     bias = torch.randn(48)
