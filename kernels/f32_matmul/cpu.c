@@ -4,8 +4,8 @@
  * them well for one row but not for a few: the default model's linears (30 layers + lm_head, 2-core
  * Intel KVM guest) took 21.6 / 52.7 / 53.3 ms for 1 / 8 / 16 rows with F.linear and 25.2 / 32.4 / 40.5
  * with oneDNN, so verifying 8 drafts cost 2x a plain decode step. Here each weight value is loaded once
- * per block of up to 8 rows and multiplied into all of them: 17.7 / 22.8 / 30.6 ms, and still ahead at
- * 256 rows (218 ms against oneDNN's 236), so prompt rows take it too.
+ * per block of up to 8 rows and multiplied into all of them: 20.3 / 24.8 / 33.9 ms, and no slower than
+ * oneDNN at 256 rows (235 ms), so prompt rows take it too.
  *
  * A row's bits depend only on that row: every output is one fused multiply-add chain over k in order
  * (no split of k, no tree reduction), whatever the number of rows, their blocking, the threads, or the
