@@ -11,6 +11,7 @@ import torch
 from engine.config import CacheConfig, ModelConfig
 from engine.model_runner import ModelRunner, request_layout
 from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, SchedulerOutput
+from kernels.f32_matmul import cpu as f32_matmul
 from tests.conftest import make_tiny_model
 
 BLOCK_SIZE = 4
@@ -31,6 +32,8 @@ class _Blocks:
 
 @pytest.fixture(scope="module", params=["dense", "onednn", "f32_matmul"])
 def runner(request, tiny_model_dir) -> ModelRunner:
+    if request.param == "f32_matmul" and f32_matmul.load() is None:
+        pytest.skip("kernels/f32_matmul needs a C compiler and AVX2 + FMA")
     cfg = ModelConfig.from_hf_dir(tiny_model_dir)
     return ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 4096), linear_backend=request.param)
 
