@@ -13,6 +13,13 @@ the JSON to --out with PNG charts beside it (speedup by concurrency per method, 
 
     .venv/bin/python benchmarks/spec.py [--per-category 10] [--concurrency 1 4 8 16] [--max-tokens 128]
                                         [--workload mixed|per-category] [--request-rates 0.5 0.7]
+                                        [--order shuffled|file] [--rounds 2]
+
+Every load sends the prompts in one order, shuffled by default (categories interleaved, as real traffic
+comes; the same order for every method). In Spec-Bench's file order MT-bench's ten prompts are a closed
+loop's whole first wave: at 16 clients (fp32) its requests then shared their lifetime with the prefills
+of the prompts that translation's sped-up requests let in, and measured 0.81-0.83x `none` where two
+shuffled orders gave 0.95-1.03x (session 19, benchmarks/results/spec_cpu.txt).
 
 `--request-rates` adds open-loop loads: the mixed prompts, shuffled, arrive as a Poisson process of
 that many requests per second (the same schedule for every method), as real traffic does; their rows
@@ -63,45 +70,58 @@ def code_edit_prompts(count: int) -> list[dict]:
     return prompts
 
 
-def measure(server: Server, prompts, method: str, concurrency: int, max_tokens: int, layout: str) -> list[dict]:
-    extra = {"speculative": {"method": method}}
-    timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
-    return summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")
+def measure_rounds(server: Server, prompts, methods: list[str], concurrency: int, max_tokens: int,
+                   rounds: int) -> dict[str, tuple[list, float]]:
+    """Each method's closed loop `rounds` times, every other round in reverse order (ABBA for two
+    methods and two rounds), pooled: method -> (timings, summed wall time). The drifting load of a
+    shared machine then weighs on every method alike, and so does chance in which prompts share a
+    step, which moved one category's rate by up to ~5% between two runs of the same method."""
+    pooled = {method: ([], 0.0) for method in methods}
+    for i in range(rounds):
+        for method in methods if i % 2 == 0 else methods[::-1]:
+            extra = {"speculative": {"method": method}}
+            timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
+            pooled[method] = (pooled[method][0] + timings, pooled[method][1] + wall)
+    return pooled
+
+
+def measure(server: Server, prompts, methods: list[str], concurrency: int, max_tokens: int, layout: str,
+            rounds: int = 1) -> list[dict]:
+    pooled = measure_rounds(server, prompts, methods, concurrency, max_tokens, rounds)
+    return [row for method, (timings, wall) in pooled.items()
+            for row in summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")]
 
 
 def measure_open_loop(server: Server, prompts, method: str, rate: float, max_tokens: int, layout: str) -> list[dict]:
     extra = {"speculative": {"method": method}}
-    shuffled = random.Random(0).sample(prompts, len(prompts))  # categories interleaved, the same for every method
-    timings, wall = asyncio.run(run_arrivals(server.url, shuffled, rate, max_tokens, extra))
+    timings, wall = asyncio.run(run_arrivals(server.url, prompts, rate, max_tokens, extra))
     return summarize(timings, wall, layout=layout, method=method, concurrency=None, rate=rate, server="main")
 
 
-def measure_per_category(server: Server, prompts, method: str, concurrency: int, max_tokens: int,
-                         layout: str) -> list[dict]:
+def measure_per_category(server: Server, prompts, methods: list[str], concurrency: int, max_tokens: int,
+                         layout: str, rounds: int = 1) -> list[dict]:
     """Each category as its own load, its prompts repeated up to 2 x concurrency requests, so its rate
     is its own: in the mixed load a category's e2e rate also counts the other clients' prompts, which
     arrive sooner when speculation finishes those clients sooner. A category's tok/s is its load's
     throughput; 'all' is every load's tokens over their summed wall time."""
-    extra = {"speculative": {"method": method}}
-    labels = {"layout": layout, "method": method, "concurrency": concurrency, "server": "main"}
-    rows, everything, walls = [], [], 0.0
+    everything = {method: ([], 0.0) for method in methods}
+    rows = []
     for category in sorted({p["category"] for p in prompts}):
         mine = [p for p in prompts if p["category"] == category]
         load = (mine * -(-2 * concurrency // len(mine)))[: max(len(mine), 2 * concurrency)]
-        timings, wall = asyncio.run(run_load(server.url, load, concurrency, max_tokens, extra))
-        everything, walls = everything + timings, walls + wall
-        rows.append({**summarize(timings, wall, **labels)[0], "category": category})
-    return summarize(everything, walls, **labels)[:1] + rows
+        for method, (timings, wall) in measure_rounds(server, load, methods, concurrency, max_tokens, rounds).items():
+            labels = {"layout": layout, "method": method, "concurrency": concurrency, "server": "main"}
+            rows.append({**summarize(timings, wall, **labels)[0], "category": category})
+            everything[method] = (everything[method][0] + timings, everything[method][1] + wall)
+    overall = [summarize(timings, wall, layout=layout, method=method, concurrency=concurrency, server="main")[0]
+               for method, (timings, wall) in everything.items()]
+    return overall + rows
 
 
 def measure_side_by_side(server: Server, prompts, concurrency: int, max_tokens: int, label: str) -> list[dict]:
     """`none` and `pass` on one server in ABBA order (none, pass, pass, none), so the drifting load
     of a shared machine weighs on both alike; each method's rows pool its two rounds."""
-    runs = {"none": ([], 0.0), "pass": ([], 0.0)}
-    for method in ("none", "pass", "pass", "none"):
-        extra = {"speculative": {"method": method}}
-        timings, wall = asyncio.run(run_load(server.url, prompts, concurrency, max_tokens, extra))
-        runs[method] = (runs[method][0] + timings, runs[method][1] + wall)
+    runs = measure_rounds(server, prompts, ["none", "pass"], concurrency, max_tokens, rounds=2)
     return [row for method, (timings, wall) in runs.items()
             for row in summarize(timings, wall, layout="ragged", method=label if method == "pass" else "none",
                                  concurrency=concurrency, server=label)]
@@ -187,20 +207,27 @@ def main() -> None:
                     help="open-loop loads too: mixed prompts arriving as a Poisson process of R requests/s")
     ap.add_argument("--workload", choices=["mixed", "per-category"], default="mixed",
                     help="mixed: every category in one load; per-category: each category alone (measure_per_category)")
+    ap.add_argument("--order", choices=["shuffled", "file"], default="shuffled",
+                    help="the prompts' order in every load: shuffled (categories interleaved, as real traffic "
+                         "comes) or file (Spec-Bench's order: MT-bench's prompts are the closed loops' first wave)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="closed loops: each method this many times, every other round in reverse order, pooled")
     ap.add_argument("--out", type=Path, default=RESULTS / "spec.json", help="result JSON; PNG charts go beside it")
     args = ap.parse_args()
 
     prompts = load_spec_bench(args.per_category) + code_edit_prompts(args.per_category)
+    if args.order == "shuffled":
+        prompts = random.Random(0).sample(prompts, len(prompts))  # the same order for every method
     rows = []
     for layout in args.layouts:
         with Server("--spec-layout", layout, "--kv-cache-tokens", "32768", *args.server_args.split()) as server:
             asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
             for concurrency in args.concurrency:
-                for method in args.methods:
-                    if layout != "ragged" and (method == "none" or concurrency == 1):
-                        continue  # no drafts, or no other request: nothing to pad
+                # padded layouts: no drafts (none) or no other request (1 client) leave nothing to pad
+                methods = [m for m in args.methods if layout == "ragged" or (m != "none" and concurrency > 1)]
+                if methods:
                     run = measure_per_category if args.workload == "per-category" else measure
-                    rows += run(server, prompts, method, concurrency, args.max_tokens, layout)
+                    rows += run(server, prompts, methods, concurrency, args.max_tokens, layout, args.rounds)
             for rate in args.request_rates:
                 for method in args.methods:
                     if layout == "ragged" or method != "none":
@@ -218,7 +245,8 @@ def main() -> None:
     for r in ratios:
         print(f"ragged / {r['layout']}: {r['method']} at {r['concurrency']} clients {r['ratio']:.3f}")
     write_results({"benchmark": "spec", "prompts": len(prompts), "max_tokens": args.max_tokens,
-                   "workload": args.workload, "request_rates": args.request_rates, "rows": rows,
+                   "workload": args.workload, "order": args.order, "rounds": args.rounds,
+                   "request_rates": args.request_rates, "rows": rows,
                    "layout_ratios": ratios},
                   args.out)
 
