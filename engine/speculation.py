@@ -208,7 +208,8 @@ class Speculator:
                 offer = (proposer.offer(r, tree, limits[r.request_id]) if hasattr(proposer, "offer")
                          else depths(tree) if tree is not None else [])
                 if offer:
-                    offers[r.request_id] = (r, method, offer)
+                    weights = proposer.node_weights(r, tree) if hasattr(proposer, "node_weights") else None
+                    offers[r.request_id] = (r, method, offer, weights)
         # every decoding request counts, a `none` one too: the plan must stay fair to it (controller.py)
         decoding = [r for r in running if _decoding(r)]
         self._plan = self.controller.plan(offers, len(decoding), self._rows_per_draft,

@@ -194,9 +194,13 @@ class DraftController:
         request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
         self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
 
-    def plan(self, proposals: dict[str, tuple[Request, str, list[int]]], num_base_rows: int,
+    def plan(self, proposals: dict[str, tuple], num_base_rows: int,
              rows_per_draft: dict[str, float] | None = None, base_key_rows: float = 0.0) -> dict[str, int]:
-        """request_id -> drafts to keep; proposals hold (request, method, depth of each draft node).
+        """request_id -> drafts to keep, a prefix of each proposal; proposals hold (request, method,
+        depth of each draft node[, weight of each node]). A node at depth d is worth weight x alpha^d
+        tokens (weight 1 by default: a chain's); a tree's proposer weighs its branches (TR-Jacobi's
+        node_weights), and a node is never worth more than the node before it, since only prefixes are
+        kept.
 
         num_base_rows: the step's decoding requests, with or without proposals (one row each), and
         base_key_rows the context keys their rows attend to (each request reads its own). A draft row
@@ -204,12 +208,16 @@ class DraftController:
         rows_per_draft: rows one draft of a method costs (default 1; PaSS pays a look-ahead row too).
         """
         if not self.adaptive:
-            return {rid: len(depths) for rid, (_, _, depths) in proposals.items()}
+            return {rid: len(entry[2]) for rid, entry in proposals.items()}
         gains = []  # (gain, rows, request_id)
-        for rid, (request, method, depths) in proposals.items():
+        for rid, (request, method, depths, *weights) in proposals.items():
             alpha = self.alpha(request, method)
             rows = (rows_per_draft or {}).get(method, 1.0)
-            gains += [(alpha ** depth, rows, rid, rows * request.num_tokens) for depth in depths]
+            node_weights = weights[0] if weights and weights[0] is not None else [1.0] * len(depths)
+            gain = float("inf")
+            for depth, weight in zip(depths, node_weights):
+                gain = min(gain, weight * alpha ** depth)
+                gains.append((gain, rows, rid, rows * request.num_tokens))
         gains.sort(key=lambda g: -g[0] / g[1])
         model = self.cost_model
         base_cost = model.plain_step(num_base_rows, base_key_rows)
@@ -246,7 +254,7 @@ class DraftController:
         # was here, the retry's boost was gone by the validation, which the controller then refused:
         # 1 in 126 plans of a request verified anything, while every ~9th step paid for a look-ahead
         # row (session 15).
-        for rid, (request, _, _) in proposals.items():
+        for rid, (request, *_) in proposals.items():
             if rid not in keep:
                 request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
         return keep

@@ -77,6 +77,19 @@ def test_plan_drafts_when_acceptance_pays_and_not_when_it_does_not():
     assert controller.plan({"bad": (bad, "ngram", [1, 2, 3, 4, 5])}, num_base_rows=1) == {}
 
 
+def test_node_weights_scale_a_tree_nodes_worth_and_only_prefixes_are_kept():
+    controller = DraftController(StepCostModel(CPU_LIKE), fairness=0.0)
+    request = make_request("tree")
+    for _ in range(20):
+        controller.record(request, "jacobi", 4, 4)  # alpha ~0.95
+    assert controller.plan({"tree": (request, "jacobi", [1, 2, 1, 2], None)}, num_base_rows=1) == {"tree": 4}
+    # The first branch is seldom accepted: its nodes, and everything after them, are worth little.
+    weak_first = (request, "jacobi", [1, 2, 1, 2], [0.02, 0.02, 1.9, 1.9])
+    assert controller.plan({"tree": weak_first}, num_base_rows=1) == {}
+    strong_first = (request, "jacobi", [1, 2, 1, 2], [1.9, 1.9, 0.02, 0.02])
+    assert controller.plan({"tree": strong_first}, num_base_rows=1) == {"tree": 2}
+
+
 NEARLY_FREE_ROWS = {1: 0.036, 16: 0.037, 128: 0.060}  # GPU-like: a verify step costs what a decode step does
 
 

@@ -10,6 +10,7 @@ import pytest
 from engine.spec.base import depths, empty_tree, path_to, validate
 from engine.spec.jacobi import STATE_KEY, JacobiConfig, JacobiProposer, JacobiState
 from engine.spec.ngram import STATE_KEY as NGRAM_STATE_KEY
+from engine.speculation import trim
 from engine.types import Request, SamplingParams, SpecParams, VerifyResult
 from engine.verifier import verify_greedy
 
@@ -114,6 +115,51 @@ def test_budget_priority_main_then_retrieval_then_alternatives(budget, expected)
     proposer = JacobiProposer(ROOMY)
     request = with_window(make_request([1, 2, 3, 4, 5, 6, 1, 2, 3]), [[7, 8], [9], [11], [12]])
     assert propose(proposer, request, budget).token_ids == expected
+
+
+def verified(proposer, request, budget, accepted_tokens):
+    """Propose, then observe a verification of the whole tree that accepted the path of these tokens."""
+    tree = propose(proposer, request, budget)
+    accepted_nodes, parent = [], -1
+    for token in accepted_tokens:
+        parent = next(i for i, (p, t) in enumerate(zip(tree.parents, tree.token_ids)) if p == parent and t == token)
+        accepted_nodes.append(parent)
+    result = VerifyResult("r", token_ids=[0] * (len(accepted_nodes) + 1), num_draft=len(tree),
+                          num_accepted=len(accepted_nodes), accepted_nodes=list(accepted_nodes))
+    proposer.observe(request, result, [[0]] * (len(tree) + 1))
+    return tree
+
+
+def test_node_weights_learn_which_branch_is_accepted_and_the_better_chain_goes_first():
+    proposer = JacobiProposer(ROOMY)
+    fresh = lambda: with_window(make_request([1, 2, 3, 4, 5, 6, 1, 2, 3]), [[7, 8], [9], [11], [12]])
+    request = fresh()
+    tree = propose(proposer, request, 9)
+    assert proposer.node_weights(request, tree) == [1.0] * 9  # nothing verified yet: a chain's alpha^d
+    for _ in range(30):  # the main chain [7, 9, 11, 12] always rejected, the retrieval [4, 5, 6, 1] accepted
+        verified(proposer, fresh(), 9, [4, 5])
+    request = fresh()
+    tree = propose(proposer, request, 9)
+    assert tree.token_ids == [4, 5, 6, 1, 7, 9, 11, 12, 8]  # retrieval chain first now
+    weights = proposer.node_weights(request, tree)
+    assert weights[:2] == pytest.approx([1.0, 1.0], abs=0.1)  # every path to depth 1 and 2 went through them
+    assert max(weights[4:]) < 0.2  # the main chain and the alternative: never accepted
+    assert len(proposer.node_weights(request, trim(tree, 3))) == 3  # the prefix the controller is offered
+
+
+def test_a_verified_prefix_of_the_tree_is_counted_as_what_was_verified():
+    proposer = JacobiProposer(ROOMY)
+    for _ in range(30):  # only the first two nodes (main chain 7, 9) were verified, and accepted
+        request = with_window(make_request([1, 2, 3, 4, 5, 6, 1, 2, 3]), [[7, 8], [9], [11], [12]])
+        propose(proposer, request, 9)
+        proposer.observe(request, VerifyResult("r", [9, 11, 0], num_draft=2, num_accepted=2, accepted_nodes=[0, 1]),
+                         [[0]] * 3)
+    request = with_window(make_request([1, 2, 3, 4, 5, 6, 1, 2, 3]), [[7, 8], [9], [11], [12]])
+    tree = propose(proposer, request, 9)
+    assert tree.token_ids[:4] == [7, 9, 11, 12]  # the main chain stays first
+    weights = proposer.node_weights(request, tree)
+    assert weights[:2] == pytest.approx([1.0, 1.0], abs=0.1)  # accepted whenever verified, as paths reached
+    assert weights[4:8] == pytest.approx([1.0] * 4)  # retrieval never verified: no evidence either way
 
 
 def test_zero_budget_max_nodes_and_per_request_override():
