@@ -276,7 +276,8 @@ class Speculator:
             proposer.observe(s.request, verified.result, verified.row_top_tokens)
         if verified.lookahead_logits is not None and hasattr(proposer, "observe_lookahead"):
             proposer.observe_lookahead(s.request, verified.result, verified.lookahead_logits)
-        self.controller.record(s.request, method, verified.result.num_draft, verified.result.num_accepted)
+        draft_depth = max(depths(s.draft)) if s.draft is not None else 0
+        self.controller.record(s.request, method, draft_depth, verified.result.num_accepted)
 
 
 def pad_chain(tree: DraftTree | None, length: int) -> DraftTree:

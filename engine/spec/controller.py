@@ -165,9 +165,11 @@ class AcceptanceStats:
     def alpha(self, prior: float = 0.5) -> float:
         return (self.accepted + PRIOR_WEIGHT * prior) / (self.accepted + self.rejections + PRIOR_WEIGHT)
 
-    def record(self, num_draft: int, num_accepted: int) -> None:
+    def record(self, draft_depth: int, num_accepted: int) -> None:
+        """draft_depth: the verified draft's deepest node (a chain's length). A tree's path cannot go
+        past it, so accepting that deep is no rejection, however many siblings were passed over."""
         self.accepted += num_accepted
-        self.rejections += 1 if num_accepted < num_draft else 0
+        self.rejections += 1 if num_accepted < draft_depth else 0
 
 
 class DraftController:
@@ -187,12 +189,12 @@ class DraftController:
             return max(EXPLORE_ALPHA, stats.alpha(prior) if stats is not None else prior)
         return stats.alpha(prior)
 
-    def record(self, request: Request, method: str, num_draft: int, num_accepted: int) -> None:
-        if num_draft == 0:
+    def record(self, request: Request, method: str, draft_depth: int, num_accepted: int) -> None:
+        if draft_depth == 0:
             return
         request.state["draft_idle_steps"] = 0
-        request.state.setdefault("acceptance", AcceptanceStats()).record(num_draft, num_accepted)
-        self.method_stats.setdefault(method, AcceptanceStats()).record(num_draft, num_accepted)
+        request.state.setdefault("acceptance", AcceptanceStats()).record(draft_depth, num_accepted)
+        self.method_stats.setdefault(method, AcceptanceStats()).record(draft_depth, num_accepted)
 
     def plan(self, proposals: dict[str, tuple], num_base_rows: int,
              rows_per_draft: dict[str, float] | None = None, base_key_rows: float = 0.0) -> dict[str, int]:

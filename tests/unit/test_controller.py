@@ -60,10 +60,12 @@ def test_acceptance_estimate_is_the_geometric_mle_with_a_prior():
     stats = AcceptanceStats()
     assert stats.alpha(prior=0.5) == 0.5
     for _ in range(50):
-        stats.record(num_draft=5, num_accepted=3)  # 3 accepted then a rejection: alpha = 3/4
+        stats.record(draft_depth=5, num_accepted=3)  # 3 accepted then a rejection: alpha = 3/4
     assert stats.alpha(prior=0.5) == pytest.approx(0.75, abs=0.01)
     all_in = AcceptanceStats()
-    all_in.record(num_draft=4, num_accepted=4)
+    all_in.record(draft_depth=4, num_accepted=4)
+    assert all_in.rejections == 0
+    all_in.record(draft_depth=2, num_accepted=2)  # a tree of 5 nodes, 2 deep: its whole path accepted
     assert all_in.rejections == 0
 
 
