@@ -75,7 +75,7 @@ def measure_rounds(server: Server, prompts, methods: list[str], concurrency: int
     """Each method's closed loop `rounds` times, every other round in reverse order (ABBA for two
     methods and two rounds), pooled: method -> (timings, summed wall time). The drifting load of a
     shared machine then weighs on every method alike, and so does chance in which prompts share a
-    step, which moved one category's rate by up to ~5% between two runs of the same method."""
+    step, which moved one category's rate by up to 6% between two runs of the same method."""
     pooled = {method: ([], 0.0) for method in methods}
     for i in range(rounds):
         for method in methods if i % 2 == 0 else methods[::-1]:
