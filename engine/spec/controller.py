@@ -211,35 +211,8 @@ class DraftController:
         """
         if not self.adaptive:
             return {rid: len(entry[2]) for rid, entry in proposals.items()}
-        gains = []  # (gain, rows, request_id)
-        for rid, (request, method, depths, *weights) in proposals.items():
-            alpha = self.alpha(request, method)
-            rows = (rows_per_draft or {}).get(method, 1.0)
-            node_weights = weights[0] if weights and weights[0] is not None else [1.0] * len(depths)
-            gain = float("inf")
-            for depth, weight in zip(depths, node_weights):
-                gain = min(gain, weight * alpha ** depth)
-                gains.append((gain, rows, rid, rows * request.num_tokens))
-        gains.sort(key=lambda g: -g[0] / g[1])
-        model = self.cost_model
-        base_cost = model.plain_step(num_base_rows, base_key_rows)
-        best_count, best_rate = 0, num_base_rows / base_cost
-        total_gain = total_rows = key_rows = 0.0
-        request_gain: dict[str, float] = {}  # expected gain of each request kept so far
-        without_drafts = max(num_base_rows, len(proposals))  # decoding requests given no draft yet
-        for count, (gain, rows, rid, draft_key_rows) in enumerate(gains, start=1):
-            total_gain += gain
-            total_rows += rows
-            key_rows += draft_key_rows
-            without_drafts -= rid not in request_gain
-            request_gain[rid] = request_gain.get(rid, 0.0) + gain
-            cost = model.cost(num_base_rows + total_rows) + model.attention(base_key_rows + key_rows, base_key_rows)
-            least_gain = 0.0 if without_drafts else min(request_gain.values())
-            if (1.0 + least_gain) * base_cost < self.fairness * cost:
-                continue  # some request would decode slower than fairness x plain
-            rate = (num_base_rows + total_gain) / cost
-            if rate > best_rate:
-                best_count, best_rate = count, rate
+        gains = self._node_gains(proposals, rows_per_draft or {})
+        best_count = self._best_prefix(gains, num_base_rows, base_key_rows, len(proposals))
         keep: dict[str, int] = {}
         for _, _, rid, _ in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
@@ -260,6 +233,46 @@ class DraftController:
             if rid not in keep:
                 request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
         return keep
+
+    def _node_gains(self, proposals: dict[str, tuple], rows_per_draft: dict[str, float]) -> list[tuple]:
+        """(expected tokens, rows, request_id, context keys its rows read) per proposed node, best
+        tokens per row first; each request's nodes in proposal order, non-increasing."""
+        gains = []
+        for rid, (request, method, depths, *weights) in proposals.items():
+            alpha = self.alpha(request, method)
+            rows = rows_per_draft.get(method, 1.0)
+            node_weights = (weights or [None])[0] or [1.0] * len(depths)
+            gain = float("inf")
+            for depth, weight in zip(depths, node_weights):
+                gain = min(gain, weight * alpha ** depth)
+                gains.append((gain, rows, rid, rows * request.num_tokens))
+        gains.sort(key=lambda g: -g[0] / g[1])  # stable: a request's nodes keep their order
+        return gains
+
+    def _best_prefix(self, gains: list[tuple], num_base_rows: int, base_key_rows: float,
+                     num_proposals: int) -> int:
+        """How many of `gains` (best first) give the most expected tokens per second, among the
+        prefixes that leave every decoding request at least fairness x its plain rate; 0: no drafts."""
+        model = self.cost_model
+        base_cost = model.plain_step(num_base_rows, base_key_rows)
+        best_count, best_rate = 0, num_base_rows / base_cost
+        total_gain = total_rows = key_rows = 0.0
+        request_gain: dict[str, float] = {}  # expected gain of each request kept so far
+        without_drafts = max(num_base_rows, num_proposals)  # decoding requests given no draft yet
+        for count, (gain, rows, rid, draft_key_rows) in enumerate(gains, start=1):
+            total_gain += gain
+            total_rows += rows
+            key_rows += draft_key_rows
+            without_drafts -= rid not in request_gain
+            request_gain[rid] = request_gain.get(rid, 0.0) + gain
+            cost = model.cost(num_base_rows + total_rows) + model.attention(base_key_rows + key_rows, base_key_rows)
+            least_gain = 0.0 if without_drafts else min(request_gain.values())
+            if (1.0 + least_gain) * base_cost < self.fairness * cost:
+                continue  # some request would decode slower than fairness x plain
+            rate = (num_base_rows + total_gain) / cost
+            if rate > best_rate:
+                best_count, best_rate = count, rate
+        return best_count
 
     def speedup(self, num_decode_requests: int, num_emitted: int, step_time: float,
                 context_keys: float = 0.0) -> float | None:
