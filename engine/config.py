@@ -144,8 +144,8 @@ class EngineConfig:
     """Let the cost controller cut drafts (to zero) where they don't pay; False verifies every draft."""
     spec_fairness: float = FAIRNESS
     """The least expected decoding rate, over its plain rate, a draft plan may leave any request of
-    the batch (engine/spec/controller.py); 0 maximises the batch's tokens alone: more throughput,
-    slower chat beside code at 16 clients (measured trade-off: README, spec_cpu.txt session 15)."""
+    the batch (engine/spec/controller.py); lower lets good drafts slow their neighbours for more
+    throughput (0: the batch's tokens alone; measured trade-offs: README, spec_cpu.txt sessions 15-20)."""
     jacobi_config: str | None = None
     """YAML file for the TR-Jacobi tree shape (default: configs/spec/jacobi.yaml)."""
     pass_artifact: str | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.spec.controller import AcceptanceStats, DraftController, StepCostModel
+from engine.spec.controller import FAIRNESS, AcceptanceStats, DraftController, StepCostModel
 from engine.types import Request, SamplingParams
 
 # Shaped like this CPU's measured curve (ms): 2-16 rows cost ~1.1-1.9x one row.
@@ -97,9 +97,10 @@ NEARLY_FREE_ROWS = {1: 0.036, 16: 0.037, 128: 0.060}  # GPU-like: a verify step 
 
 @pytest.mark.parametrize("curve", [CPU_LIKE, NEARLY_FREE_ROWS], ids=["cpu-like", "rows-nearly-free"])
 def test_no_decoding_request_pays_for_its_neighbours_drafts(curve):
-    """A plan keeps every decoding request's expected rate (1 + its gain) / cost(rows) within 5% of
-    its plain rate: with a request that has nothing to draft beside it (a `none` request, or
-    MT-bench chat under prompt lookup), a good drafter may only add rows that cost the step little."""
+    """A plan keeps every decoding request's expected rate (1 + its gain) / cost(rows) at least the
+    default FAIRNESS (0.99) x its plain rate: with a request that has nothing to draft beside it (a
+    `none` request, or MT-bench chat under prompt lookup), a good drafter may only add rows that cost
+    the step little."""
     model = StepCostModel(curve)
     controller = DraftController(model)
     good, weak = make_request("good"), make_request("weak")
@@ -115,8 +116,8 @@ def test_no_decoding_request_pays_for_its_neighbours_drafts(curve):
                 continue
             kept = plan.get(rid, 0) if request else 0
             gain = sum(controller.alpha(request, "ngram") ** d for d in range(1, kept + 1)) if request else 0.0
-            # issue 3: no request slower than plain decoding by more than 5%
-            assert (1 + gain) / cost >= 0.95 / model.cost(num_base_rows), (num_base_rows, rid, plan)
+            # issue 3: no request slower than plain decoding by more than 5%; the plan's own margin is 1%
+            assert (1 + gain) / cost >= FAIRNESS / model.cost(num_base_rows), (num_base_rows, rid, plan)
         if curve is NEARLY_FREE_ROWS:
             assert plan.get("good") == 5  # rows that cost nothing are drafted whoever shares the step
 
@@ -291,7 +292,7 @@ def test_spec_fairness_flag_reaches_the_engine_config():
 
     args = build_parser().parse_args(["serve", "--spec-fairness", "0"])
     assert engine_config(args).spec_fairness == 0.0
-    assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.96
+    assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.99  # README's table
 
 
 def test_spec_fairness_out_of_range_stops_serve_with_a_message(capsys):
