@@ -3,7 +3,9 @@
 Spec-Bench first-turn prompts (chat-templated, greedy, max_tokens 128). Reports output tok/s
 (aggregate over the run's wall time, prompt processing included), TTFT and inter-token latency
 p50/p99; prints a table and one JSON line, and writes the JSON to --out with PNG charts beside it
-(throughput and batching speedup by concurrency, latency percentiles). Usage:
+(throughput and batching speedup by concurrency, latency percentiles). specd runs with its defaults,
+so `--spec ngram` since session 20; `--server-args "--spec none"` measures plain decoding, as the
+results before it did. Usage:
 
     .venv/bin/python benchmarks/serving.py [--per-category 5] [--concurrency 1 4 16] [--no-hf]
 """

@@ -37,8 +37,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=d_cache.block_size)
     p.add_argument("--kv-cache-dtype", default=d_cache.dtype, choices=list(KV_CACHE_DTYPES),
                    help="auto: fp16 for the int8 dtypes on a CPU with F16C, else the activations' dtype")
-    p.add_argument("--spec", default="none", choices=list(SPEC_METHODS),
-                   help="speculation method for requests that don't pick one")
+    p.add_argument("--spec", default=EngineConfig.spec, choices=list(SPEC_METHODS),
+                   help="speculation method for requests that don't pick one (none: plain decoding)")
     p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
                    help="most drafts per request per step (the cost controller may use fewer)")
     p.add_argument("--spec-layout", default="ragged", choices=list(SPEC_LAYOUTS),

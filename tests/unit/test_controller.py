@@ -295,6 +295,15 @@ def test_spec_fairness_flag_reaches_the_engine_config():
     assert engine_config(build_parser().parse_args(["serve"])).spec_fairness == 0.99  # README's table
 
 
+def test_serve_speculates_with_prompt_lookup_unless_told_not_to():
+    """README: `specd serve` drafts with ngram by default (measured never more than 3% under plain
+    decoding in any Spec-Bench category, spec_cpu.txt session 20); --spec none turns it off."""
+    from server.cli import build_parser, engine_config
+
+    assert engine_config(build_parser().parse_args(["serve"])).spec == "ngram"
+    assert engine_config(build_parser().parse_args(["serve", "--spec", "none"])).spec == "none"
+
+
 def test_spec_fairness_out_of_range_stops_serve_with_a_message(capsys):
     from server.cli import main
 
