@@ -54,7 +54,7 @@ EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of it
 EXPLORE_AFTER = 8  # offers without a verified draft before a request retries; draftless plans before a probe
 # Default least expected rate, over its plain rate, a plan may leave any decoding request. 0.96 kept
 # every Spec-Bench category of ngram and jacobi at >= 0.95x `none` in 5 of 12 pooled method-runs at 8
-# and 16 clients (fp32); 0.99 did in all 8 (two runs of each), at 1.01-1.06x overall against
+# and 16 clients (fp32); 0.99 did in all 8 (two runs of each), at 0.99-1.06x overall against
 # 1.00-1.08x, but 1.10-1.11x at 4 clients against 1.14x (spec_cpu.txt, sessions 19 and 20).
 FAIRNESS = 0.99
 
