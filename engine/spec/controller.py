@@ -245,10 +245,10 @@ class DraftController:
         """(expected tokens, rows, request_id, context keys its rows read) per proposed node, best
         tokens per row first; each request's nodes in proposal order, non-increasing."""
         gains = []
-        for rid, (request, method, depths, *weights) in proposals.items():
+        for rid, (request, method, depths, *optional) in proposals.items():
             alpha = self.alpha(request, method)
             rows = rows_per_draft.get(method, 1.0)
-            node_weights = (weights or [None])[0] or [1.0] * len(depths)
+            node_weights = optional[0] if optional and optional[0] is not None else [1.0] * len(depths)
             gain = float("inf")
             for depth, weight in zip(depths, node_weights):
                 gain = min(gain, weight * alpha ** depth)
