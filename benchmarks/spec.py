@@ -1,4 +1,4 @@
-"""Speculation benchmark: none / ngram / jacobi / pass x concurrency x layout, one run.
+"""Speculation benchmark: none / ngram / jacobi / pass / bpd x concurrency x layout, one run.
 
 Layouts: ragged (EMS-SD), padded (inputs padded to the batch's longest draft) and padded-kv (EMS-SD's
 vanilla baseline: padded inputs and a padded KV cache); a line per padded layout gives ragged's
@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_arrivals,  # noqa: E402
                                run_load, write_results)
 
-METHODS = ("none", "ngram", "jacobi", "pass")
+METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
+RAGGED_ONLY = ("pass", "bpd")  # their extra logits rows have no padded layout (the server refuses them)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -176,10 +177,10 @@ def layout_ratios(rows: list[dict]) -> list[dict]:
 def pass_variant_servers(variants: list[str], server_args: list[str], tmp: Path):
     """(label, serve flags) per `embeddings:mode[:L]` variant; embeddings = trained | untrained | a path,
     L (optional) sets the look-ahead rows (--pass-lookahead)."""
-    from engine.spec.lookahead import default_artifact_path
+    from engine.train.artifact import default_artifact_path
     from engine.train.pass_ import write_untrained_artifact
 
-    trained = default_artifact_path("SmolLM2-135M-Instruct")
+    trained = default_artifact_path("pass", "SmolLM2-135M-Instruct")
     for variant in variants:
         embeddings, mode, *cap = variant.split(":")
         if embeddings == "trained":
@@ -224,13 +225,14 @@ def main() -> None:
             asyncio.run(run_load(server.url, prompts[:2], 1, 8))  # warm-up
             for concurrency in args.concurrency:
                 # padded layouts: no drafts (none) or no other request (1 client) leave nothing to pad
-                methods = [m for m in args.methods if layout == "ragged" or (m != "none" and concurrency > 1)]
+                methods = [m for m in args.methods if layout == "ragged"
+                           or (m != "none" and m not in RAGGED_ONLY and concurrency > 1)]
                 if methods:
                     run = measure_per_category if args.workload == "per-category" else measure
                     rows += run(server, prompts, methods, concurrency, args.max_tokens, layout, args.rounds)
             for rate in args.request_rates:
                 for method in args.methods:
-                    if layout == "ragged" or method != "none":
+                    if layout == "ragged" or (method != "none" and method not in RAGGED_ONLY):
                         rows += measure_open_loop(server, prompts, method, rate, args.max_tokens, layout)
     with tempfile.TemporaryDirectory() as tmp:
         for label, flags in pass_variant_servers(args.pass_variants, args.server_args.split(), Path(tmp)):

@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.spec.controller import FAIRNESS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-SPEC_METHODS = ("none", "ngram", "jacobi", "pass")
+SPEC_METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
 SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
 PADDED_KV_NEEDS_CPU = "--spec-layout padded-kv runs on the CPU attention kernels only"
 PASS_MODES = ("fused", "two_call")
@@ -160,6 +160,8 @@ class EngineConfig:
     """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 1 by
     measurement for the default model: its 2nd look-ahead draft is right after a right 1st one for
     under 2% of held-out roots (artifacts/README.md)."""
+    bpd_artifact: str | None = None
+    """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
     cache_dir: str | None = None
     """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
     num_threads: int | None = None
@@ -182,8 +184,8 @@ class EngineConfig:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
         if self.pass_lookahead < 1:
             raise ValueError("pass_lookahead must be >= 1")
-        if self.spec == "pass" and self.spec_layout != "ragged":
-            raise ValueError(f"--spec pass is not available with --spec-layout {self.spec_layout}")
+        if self.spec in ("pass", "bpd") and self.spec_layout != "ragged":
+            raise ValueError(f"--spec {self.spec} is not available with --spec-layout {self.spec_layout}")
         if not 0.0 <= self.spec_fairness <= 1.0:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
         if not 0 <= self.num_draft_tokens <= 64:

@@ -64,6 +64,7 @@ class LLMEngine:
                                  config.cache.num_blocks * config.cache.block_size)
         self.spec = Speculator(config, model_dir)
         self.runner.set_lookahead(self.spec.lookahead_embeds)
+        self.runner.set_heads(self.spec.draft_heads)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
         cost_model = self.spec.controller.cost_model
         cost_model.calibrate(self._forward_rows, self._calibration_rows())
@@ -123,7 +124,8 @@ class LLMEngine:
         real_drafts = self.spec.attach(sched)
         model_out = self.runner.execute(sched)
         logits = unpad(model_out.logits, entries, real_drafts) if self.spec.padded else model_out.logits
-        verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits)
+        verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits,
+                               model_out.head_logits, self.spec.num_heads)
         stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
         stats.num_key_rows = sum((s.num_new_tokens + s.num_lookahead + (len(s.draft) if s.draft is not None else 0))
                                  * (s.request.num_cache_slots + s.num_new_tokens) for s in sched.scheduled)

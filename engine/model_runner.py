@@ -11,6 +11,8 @@ the end of its known tokens, plus every draft node (the verifier scores those).
 PaSS look-ahead rows (`ScheduledRequest.num_lookahead`) come last in a request's share: their input
 is a learned embedding instead of a token, they continue the chain's positions and cache indices
 (causal, like a chain), and their logits are returned apart (`ModelOutput.lookahead_logits`).
+A request with `draft_heads` (BPD, engine/spec/bpd.py) also gets the heads' K rows for each of its
+sampled rows, computed from their hidden states (`ModelOutput.head_logits`, no extra input rows).
 The runner never mutates requests; the engine advances num_computed_tokens after the step.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from engine.config import CacheConfig, ModelConfig
 from engine.models.int8 import SPLIT_SHARES
 from engine.models.llama import ACTIVATION_DTYPES, TORCH_DTYPES, AttentionMetadata, LlamaModel
+from engine.spec.bpd import DraftHeads
 from engine.types import DraftTree, ModelOutput, ScheduledRequest, SchedulerOutput
 from kernels.attention import plan_attention
 from kernels.kv_cache_ops import copy_slots
@@ -129,26 +132,33 @@ def _append_lookahead(layout: RequestLayout, num_lookahead: int, request_id: str
 
 
 def _merge_outputs(scheduled: list[ScheduledRequest], groups: list[list[ScheduledRequest]],
-                   outs: list[ModelOutput]) -> ModelOutput:
+                   outs: list[ModelOutput], num_heads: int = 0) -> ModelOutput:
     """The groups' outputs back in scheduled order: each request's sample rows (1 + its drafts when
-    it samples) and look-ahead rows sit together in its group's output."""
-    where = {}  # request id -> (group, first sample row, sample rows, first look-ahead row, look-ahead rows)
+    it samples), look-ahead rows and head rows (num_heads per sample row) sit together in its
+    group's output."""
+    where = {}  # request id -> (group, first row and row count of: sample rows, look-ahead rows, head rows)
     for g, group in enumerate(groups):
-        row = lookahead = 0
+        row = lookahead = head = 0
         for s in group:
             lay = request_layout(s)
-            where[s.request.request_id] = (g, row, len(lay.sample_rows), lookahead, len(lay.lookahead_rows))
+            num_head = len(lay.sample_rows) * num_heads if s.draft_heads else 0
+            where[s.request.request_id] = (g, row, len(lay.sample_rows), lookahead, len(lay.lookahead_rows),
+                                           head, num_head)
             row += len(lay.sample_rows)
             lookahead += len(lay.lookahead_rows)
-    logits, hidden, lookahead_logits = [], [], []
+            head += num_head
+    logits, hidden, lookahead_logits, head_logits = [], [], [], []
     for s in scheduled:
-        g, row, num_rows, lookahead, num_lookahead = where[s.request.request_id]
+        g, row, num_rows, lookahead, num_lookahead, head, num_head = where[s.request.request_id]
         logits.append(outs[g].logits[row : row + num_rows])
         hidden.append(outs[g].hidden_states[row : row + num_rows])
         if num_lookahead:
             lookahead_logits.append(outs[g].lookahead_logits[lookahead : lookahead + num_lookahead])
+        if num_head:
+            head_logits.append(outs[g].head_logits[head : head + num_head])
     return ModelOutput(logits=torch.cat(logits), hidden_states=torch.cat(hidden),
-                       lookahead_logits=torch.cat(lookahead_logits) if lookahead_logits else None)
+                       lookahead_logits=torch.cat(lookahead_logits) if lookahead_logits else None,
+                       head_logits=torch.cat(head_logits) if head_logits else None)
 
 
 @dataclass
@@ -159,6 +169,7 @@ class StepInputs:
     sample_rows: torch.Tensor  # [num_sample_rows] int64 flat rows whose logits are returned
     lookahead_rows: torch.Tensor | None = None  # [num_lookahead_rows] int64 flat rows fed look-ahead embeddings
     lookahead_embeds: torch.Tensor | None = None  # [num_lookahead_rows, hidden]
+    head_rows: torch.Tensor | None = None  # [n] int64 indices into the sampled rows that get the BPD heads
 
 
 class ModelRunner:
@@ -175,6 +186,7 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(cache_config.dtype, dtype, self.device)
         self.model = LlamaModel.from_hf_dir(model_dir, model_config, device, dtype, linear_backend)
         self.lookahead: torch.Tensor | None = None  # [L, hidden] PaSS embeddings (set_lookahead)
+        self.heads: DraftHeads | None = None  # BPD heads (set_heads)
         shape = (cache_config.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded attention reads unused slots under a mask and needs them finite.
         self.kv_caches = [
@@ -199,7 +211,7 @@ class ModelRunner:
         if len(groups) == 1:
             return self._forward(sched)
         outs = [self._forward(SchedulerOutput(group)) for group in groups]
-        return _merge_outputs(sched.scheduled, groups, outs)
+        return _merge_outputs(sched.scheduled, groups, outs, self.heads.num_heads if self.heads is not None else 0)
 
     def _split_by_prompt_rows(self, scheduled: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
         """[scheduled], or [requests with prompt rows, the others] when the model routes prompt rows
@@ -222,16 +234,23 @@ class ModelRunner:
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches,
                                     overrides)
         sampled = hidden.index_select(0, inputs.sample_rows)  # [num_sample_rows, hidden]
-        if inputs.lookahead_rows is None:
-            return ModelOutput(logits=self.model.compute_logits(sampled), hidden_states=sampled)
-        # One logits call for both kinds of row: each call reads the whole lm_head (113 MB in fp32).
+        # One logits call for every kind of row: each call reads the whole lm_head (113 MB in fp32).
         # With a second call a PaSS step's forward ran 8% over a plain step's, 2-5% without (fp32, batch 1).
         # Every row's logits are its own, whatever rows come with it.
-        rows = torch.cat([sampled, hidden.index_select(0, inputs.lookahead_rows)])
-        logits = self.model.compute_logits(rows)
-        num_sampled = sampled.shape[0]
-        return ModelOutput(logits=logits[:num_sampled], hidden_states=sampled,
-                           lookahead_logits=logits[num_sampled:])
+        rows = [sampled]
+        if inputs.lookahead_rows is not None:
+            rows.append(hidden.index_select(0, inputs.lookahead_rows))
+        if inputs.head_rows is not None:
+            rows.append(self.heads.apply(sampled.index_select(0, inputs.head_rows)))
+        logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else sampled)
+        sizes = [r.shape[0] for r in rows]
+        parts = iter(logits.split(sizes))
+        out = ModelOutput(logits=next(parts), hidden_states=sampled)
+        if inputs.lookahead_rows is not None:
+            out.lookahead_logits = next(parts)
+        if inputs.head_rows is not None:
+            out.head_logits = next(parts)
+        return out
 
     def set_lookahead(self, embeds: torch.Tensor | None) -> None:
         """The PaSS look-ahead embeddings # [L, hidden]; a request's i-th look-ahead row gets row i."""
@@ -239,6 +258,13 @@ class ModelRunner:
             raise ValueError(f"look-ahead embeddings must be [L, {self.model_config.hidden_size}], "
                              f"got {tuple(embeds.shape)}")
         self.lookahead = None if embeds is None else embeds.to(self.device, self.dtype)
+
+    def set_heads(self, heads: DraftHeads | None) -> None:
+        """The BPD heads applied to the sampled rows of requests with `draft_heads`."""
+        if heads is not None and heads.hidden_size != self.model_config.hidden_size:
+            raise ValueError(f"BPD heads are for hidden size {heads.hidden_size}, the model's is "
+                             f"{self.model_config.hidden_size}")
+        self.heads = None if heads is None else heads.to(self.device, self.dtype)
 
     def copy_kv_slots(self, src_slots: list[int], dst_slots: list[int]) -> None:
         """Copy K/V between flat slots in every layer (compacting an accepted tree path)."""
@@ -255,13 +281,15 @@ class ModelRunner:
         layouts = [request_layout(s) for s in sched.scheduled]
         self._check_capacity(sched.scheduled, layouts)
         flat_ids, flat_pos, flat_idx, req_of_token, sample_rows, cu_q = [], [], [], [], [], [0]
-        lookahead_rows, lookahead_counts, prompt_rows, prompt_counts = [], [], [], []
+        lookahead_rows, lookahead_counts, prompt_rows, prompt_counts, head_rows = [], [], [], [], []
         for i, (s, lay) in enumerate(zip(sched.scheduled, layouts)):
             # a request's prompt tokens lead its new rows (a recomputed request: prompt, then output)
             is_prompt = [index < s.request.num_prompt_tokens for index in lay.cache_indices]
             prompt_counts.append(sum(is_prompt))
             if self.model.prompt_rows_dense:
                 prompt_rows += is_prompt
+            if s.draft_heads:  # indices into the sampled rows
+                head_rows += range(len(sample_rows), len(sample_rows) + len(lay.sample_rows))
             sample_rows += [cu_q[-1] + row for row in lay.sample_rows]
             lookahead_rows += [cu_q[-1] + row for row in lay.lookahead_rows]
             lookahead_counts.append(len(lay.lookahead_rows))
@@ -293,6 +321,10 @@ class ModelRunner:
             attn_metadata=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+        if head_rows:
+            if self.heads is None:
+                raise ValueError("a request asks for BPD head rows; no heads are loaded")
+            inputs.head_rows = torch.tensor(head_rows, dtype=torch.long, device=dev)
         if lookahead_rows:
             inputs.lookahead_rows = torch.tensor(lookahead_rows, dtype=torch.long, device=dev)
             inputs.lookahead_embeds = self._lookahead_embeds(lookahead_counts)

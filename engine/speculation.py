@@ -9,7 +9,8 @@ drafts), and each request accepts what it earned. Its K/V stay where the runner 
 
 Rows: the runner returns, per sampling request, 1 + len(draft) logits rows (row 0 = after the last
 real token, row i + 1 = after draft node i), concatenated in scheduled order; PaSS look-ahead rows
-(engine/spec/lookahead.py) come apart, `num_lookahead` per request, in the same order.
+(engine/spec/lookahead.py) come apart, `num_lookahead` per request, in the same order, and so do
+BPD head rows (engine/spec/bpd.py), K per sampled row of each request with `draft_heads`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Verified:
     result: VerifyResult
     logprobs: list[TokenLogprob | None]
     row_top_tokens: list[list[int]] | None = None  # for drafters that learn from the target (Jacobi)
-    lookahead_logits: Any = None  # [num_lookahead, vocab] this request's PaSS look-ahead rows
+    lookahead_logits: Any = None  # [rows, vocab] next step's drafts: PaSS look-ahead rows, or the
+    # BPD head rows of the row that emitted this step's last token
 
 
 def trim(tree: DraftTree, num_nodes: int) -> DraftTree | None:
@@ -82,9 +84,12 @@ def _row_histories(request: Request, tree: DraftTree | None) -> list[list[int]]:
 
 
 def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for: dict[str, int],
-                lookahead_logits: torch.Tensor | None = None) -> list[Verified]:
+                lookahead_logits: torch.Tensor | None = None, head_logits: torch.Tensor | None = None,
+                num_heads: int = 0) -> list[Verified]:
     """Verify every sampling request of the step. logits: # [sum(1 + len(draft)), vocab] fp32;
-    lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified."""
+    lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified; head_logits:
+    # [num_heads x the sample rows of requests with draft_heads, vocab], of which each such request's
+    Verified gets the num_heads rows of the row that emitted its last token."""
     requests = [s.request for s in entries]
     trees = [s.draft for s in entries]
     sizes = [1 + (len(t) if t is not None else 0) for t in trees]
@@ -111,6 +116,13 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
             if s.num_lookahead:
                 v.lookahead_logits = lookahead_logits[start:start + s.num_lookahead]
                 start += s.num_lookahead
+    if head_logits is not None:
+        start = 0
+        for s, v, size in zip(entries, verified, sizes):
+            if s.draft_heads:
+                row = start + emitted_rows(v.result)[-1] * num_heads
+                v.lookahead_logits = head_logits[row:row + num_heads]
+                start += size * num_heads
     return verified
 
 
@@ -159,10 +171,12 @@ class Speculator:
         self.controller = DraftController(adaptive=config.spec_adaptive, fairness=config.spec_fairness)
         self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
         self.proposers.update(_optional_proposers(config))
-        self.proposers.update(_pass_proposer(config, model_dir))
+        self.proposers.update(_trained_proposer(config, model_dir, "pass"))
+        self.proposers.update(_trained_proposer(config, model_dir, "bpd"))
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
+        self._heads: set[str] = set()  # requests whose sampled rows get the BPD heads this step
         self._rows_per_draft = {m: p.rows_per_draft for m, p in self.proposers.items() if hasattr(p, "rows_per_draft")}
 
     @property
@@ -171,16 +185,28 @@ class Speculator:
         proposer = self.proposers.get("pass")
         return proposer.embeds if proposer is not None else None
 
+    @property
+    def draft_heads(self):
+        """The BPD heads the model runner applies (None without a BPD drafter)."""
+        proposer = self.proposers.get("bpd")
+        return proposer.heads if proposer is not None else None
+
+    @property
+    def num_heads(self) -> int:
+        heads = self.draft_heads
+        return heads.num_heads if heads is not None else 0
+
     def method_of(self, request: Request) -> str:
         return request.spec.method or self.default_method
 
     def check_method(self, method: str | None) -> None:
         if method is not None and method != "none" and method not in self.proposers:
-            hint = " (no PaSS artifact is loaded for this model: see --pass-artifact)" if method == "pass" else ""
+            hint = f" (no {method} artifact is loaded for this model: see --{method}-artifact)" \
+                if method in TRAINED else ""
             raise ValueError(f"unknown speculative method {method!r}{hint}; choose from none, "
                              f"{', '.join(sorted(self.proposers))}")
-        if method == "pass" and self.padded:
-            raise ValueError("speculative method 'pass' is not available with a padded --spec-layout")
+        if method in TRAINED and self.padded:
+            raise ValueError(f"speculative method {method!r} is not available with a padded --spec-layout")
 
     def max_drafts(self, request: Request, max_model_len: int) -> int:
         """Drafts past max_tokens or the context window could never be emitted."""
@@ -195,7 +221,7 @@ class Speculator:
             method = self.method_of(r)
             if method != "none" and _decoding(r):
                 by_method.setdefault(method, []).append(r)
-        self._proposals, self._lookahead, offers, limits = {}, {}, {}, {}
+        self._proposals, self._lookahead, self._heads, offers, limits = {}, {}, set(), {}, {}
         for method, requests in by_method.items():
             proposer = self.proposers[method]
             limits.update({r.request_id: self.max_drafts(r, max_model_len) for r in requests})
@@ -216,6 +242,8 @@ class Speculator:
                                           sum(r.num_tokens for r in decoding)) if offers else {}
         for r in by_method.get("pass", []):
             self._plan_lookahead(r, limits[r.request_id], max_model_len)
+        for r in by_method.get("bpd", []):
+            self._plan_heads(r)
         if self.padded and self._plan:  # the vanilla baseline: every request padded to the longest
             longest = max(self._plan.values())
             self._plan = {r.request_id: longest for reqs in by_method.values() for r in reqs
@@ -236,6 +264,15 @@ class Speculator:
         self._lookahead[rid] = num_lookahead
         self._plan[rid] = rows.num_draft + num_lookahead
 
+    def _plan_heads(self, r: Request) -> None:
+        """A BPD request the controller kept anything for runs the heads this step (they draft the
+        next one); without pending drafts what it kept were those future drafts: no slots now."""
+        rid = r.request_id
+        if self._plan.get(rid, 0) > 0:
+            self._heads.add(rid)
+            if rid not in self._proposals:
+                self._plan[rid] = 0
+
     def draft_policy(self, request: Request) -> int:
         """The scheduler's hook: drafts this request may verify this step."""
         return self._plan.get(request.request_id, 0)
@@ -244,6 +281,8 @@ class Speculator:
         """Attach drafts; in the padded layout fill every draft up to its reservation with filler
         nodes. Returns request_id -> real draft length for `unpad`."""
         attach_drafts(sched, self._proposals, self._lookahead)
+        for s in sched.scheduled:
+            s.draft_heads = s.samples and s.request.request_id in self._heads
         real = {s.request.request_id: len(s.draft) if s.draft is not None else 0 for s in sched.scheduled}
         if self.padded:
             for s in sched.scheduled:
@@ -312,22 +351,39 @@ def _optional_proposers(config: EngineConfig) -> dict:
     return {"jacobi": JacobiProposer(jacobi)}
 
 
-def _pass_proposer(config: EngineConfig, model_dir: Path | None) -> dict:
-    """The PaSS drafter when an artifact for this model exists (or was named: then it must load)."""
+def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str) -> dict:
+    """A drafter with a trained artifact (pass, bpd) when one exists for this model (or was named:
+    then it must load)."""
     if model_dir is None:
         return {}
-    from engine.spec.lookahead import load_pass_proposer
-
+    named = getattr(config, f"{method}_artifact")
     try:
-        proposer = load_pass_proposer(config, model_dir)
+        proposer = TRAINED[method](config, model_dir)
     except ValueError as exc:
-        if config.pass_artifact or config.spec == "pass":
+        if named or config.spec == method:
             raise
-        log.warning("speculative method 'pass' is unavailable: %s", exc)
+        log.warning("speculative method %r is unavailable: %s", method, exc)
         return {}
     if proposer is None:
-        if config.spec == "pass":
-            raise ValueError(f"--spec pass needs look-ahead embeddings for {config.model}: none found in "
-                             f"artifacts/pass/; give one with --pass-artifact (train it with `specd train pass`)")
+        if config.spec == method:
+            raise ValueError(f"--spec {method} needs a trained artifact for {config.model}: none found in "
+                             f"artifacts/{method}/; give one with --{method}-artifact (train it with "
+                             f"`specd train {method}`)")
         return {}
-    return {"pass": proposer}
+    return {method: proposer}
+
+
+def _load_pass(config, model_dir):
+    from engine.spec.lookahead import load_pass_proposer
+
+    return load_pass_proposer(config, model_dir)
+
+
+def _load_bpd(config, model_dir):
+    from engine.spec.bpd import load_bpd_proposer
+
+    return load_bpd_proposer(config, model_dir)
+
+
+TRAINED = {"pass": _load_pass, "bpd": _load_bpd}
+"""Methods whose drafter needs a trained artifact -> its loader (imported when used)."""

@@ -165,6 +165,8 @@ class ScheduledRequest:
     """Draft slots the scheduler reserved in the token budget and the KV cache for this step."""
     num_lookahead: int = 0
     """PaSS look-ahead rows appended after the draft (they use reserved draft slots; engine/spec/lookahead.py)."""
+    draft_heads: bool = False
+    """Apply the BPD heads to every sampled row of this request (engine/spec/bpd.py; no slots)."""
 
     @property
     def samples(self) -> bool:
@@ -197,6 +199,7 @@ class ModelOutput:
     logits: Any  # torch.Tensor [num_sample_rows, vocab_size], fp32
     hidden_states: Any = None  # torch.Tensor [num_sample_rows, hidden_size] when a proposer needs it
     lookahead_logits: Any = None  # torch.Tensor [sum of num_lookahead, vocab_size] fp32, scheduled order
+    head_logits: Any = None  # torch.Tensor [sum over draft_heads requests of sample rows x K, vocab] fp32
 
 
 @dataclass

@@ -56,6 +56,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="fused: look-ahead rows ride in the verify pass; two_call: the paper's draft then verify")
     p.add_argument("--pass-lookahead", type=int, default=EngineConfig.pass_lookahead,
                    help="PaSS look-ahead rows per step (at most the artifact's L)")
+    p.add_argument("--bpd-artifact", default=None,
+                   help="Blockwise Parallel Decoding heads (default: artifacts/bpd/<model>.safetensors if present)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="where the default model is cached")
     p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
@@ -86,6 +88,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
+        bpd_artifact=args.bpd_artifact,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),

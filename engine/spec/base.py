@@ -17,10 +17,12 @@ Indexing used here, by the model runner and by engine/verifier.py:
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from engine.sampler import get_generator, probs_from_logits, sample_from_probs
 from engine.types import DraftTree, Request
 
 
@@ -47,6 +49,55 @@ class NoProposer:
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         return {}
+
+
+# ---------------------------------------------------------------- drafts made by last step's rows
+
+
+@dataclass
+class PendingDrafts:
+    """Drafts that extra logits rows of one step made for the next (PaSS look-ahead rows, BPD heads)."""
+
+    drafts: list[int] = field(default_factory=list)
+    q: Any = None  # [len(drafts), vocab] draft probabilities, None for greedy (one-hot) drafts
+    anchor: int = -1
+    """len(request.token_ids) the drafts continue; any other length means they are stale."""
+
+
+def pending(request: Request, key: str) -> PendingDrafts:
+    state = request.state.get(key)
+    if state is None:
+        state = request.state[key] = PendingDrafts()
+    return state
+
+
+def propose_pending(requests: list[Request], max_drafts: dict[str, int], key: str) -> dict[str, DraftTree]:
+    """Each request's pending drafts (at most its max) while its text is still the one they continue."""
+    out = {}
+    for request in requests:
+        state = pending(request, key)
+        k = min(max_drafts.get(request.request_id, 0), len(state.drafts))
+        if state.anchor == request.num_tokens and k > 0:
+            out[request.request_id] = chain(state.drafts[:k], state.q[:k] if state.q is not None else None)
+    return out
+
+
+def set_pending(request: Request, key: str, logits: torch.Tensor | None, anchor: int) -> None:
+    """Draft from rows of logits # [n, vocab] (row i: the token i + 1 places after the anchor's last):
+    greedy requests take the argmax (one-hot q); sampled ones draw from q = the request's own
+    temperature / top-k / top-p applied to the row, with its generator, so the verifier's min(1, p/q)
+    test keeps the output exact. None or no rows clears them."""
+    state = pending(request, key)
+    state.drafts, state.q, state.anchor = [], None, -1
+    if logits is None or logits.shape[0] == 0:
+        return
+    if request.sampling.greedy:
+        state.drafts = logits.argmax(dim=-1).tolist()
+    else:
+        q = probs_from_logits(logits, [request.sampling] * logits.shape[0])
+        state.drafts = sample_from_probs(q, [get_generator(request)] * logits.shape[0]).tolist()
+        state.q = q
+    state.anchor = anchor
 
 
 # ---------------------------------------------------------------- building and checking trees

@@ -20,20 +20,18 @@ Drafts carry their q: greedy requests draft the argmax (q = one-hot, `draft_prob
 requests draw d_i ~ q_i = the request's temperature / top-k / top-p applied to the a_i row, from the
 request's own generator, and the verifier's min(1, p/q) test keeps the output distribution exact.
 
-Per-request state (`request.state["pass"]`): the pending drafts and the text length they continue.
+Per-request state (`request.state["pass"]`, a PendingDrafts): the drafts and the text length they continue.
 The embeddings come from a trained artifact (engine/train/pass_.py, artifacts/pass/).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from engine.config import PASS_MODES as MODES
-from engine.sampler import get_generator, probs_from_logits, sample_from_probs
-from engine.spec.base import chain
+from engine.spec.base import propose_pending, set_pending
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "pass"
@@ -41,14 +39,6 @@ ROWS_PER_DRAFT = {"two_call": 2.0, "fused": 3.0}
 """Rows the step-cost controller charges one PaSS draft. two_call: its verify row plus the
 look-ahead row that drafted it. fused: the same plus, after a rejection (the usual case at this
 acceptance), the drafting-only step that refills the pipeline: 2 + (1 - alpha) rows, rounded up."""
-
-
-@dataclass
-class PassState:
-    drafts: list[int] = field(default_factory=list)
-    q: Any = None  # [len(drafts), vocab] draft probabilities, None for greedy (one-hot) drafts
-    anchor: int = -1
-    """len(request.token_ids) the drafts continue; any other length means they are stale."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +70,7 @@ class PassProposer:
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         """The pending drafts of each request whose text they still continue."""
-        out = {}
-        for request in requests:
-            state = _state(request)
-            k = min(max_drafts.get(request.request_id, 0), len(state.drafts))
-            if state.anchor == request.num_tokens and k > 0:
-                q = state.q[:k] if state.q is not None else None
-                out[request.request_id] = chain(state.drafts[:k], q)
-        return out
+        return propose_pending(requests, max_drafts, STATE_KEY)
 
     def offer(self, request: Request, proposal: DraftTree | None, limit: int) -> list[int]:
         """Depths the controller may keep: the pending drafts, or (none pending) the drafts that
@@ -114,46 +97,19 @@ class PassProposer:
         logits: # [num_lookahead, vocab] fp32, the request's look-ahead rows in order.
         Called before the step's tokens are appended to request.token_ids.
         """
-        state = _state(request)
-        state.drafts, state.q, state.anchor = [], None, -1
-        if logits is None or logits.shape[0] == 0 or result.num_accepted < result.num_draft:
-            return
-        if request.sampling.greedy:
-            state.drafts = logits.argmax(dim=-1).tolist()
-        else:
-            q = probs_from_logits(logits, [request.sampling] * logits.shape[0])
-            generator = get_generator(request)
-            state.drafts = sample_from_probs(q, [generator] * logits.shape[0]).tolist()
-            state.q = q
-        state.anchor = request.num_tokens + len(result.token_ids)
-
-
-def _state(request: Request) -> PassState:
-    state = request.state.get(STATE_KEY)
-    if state is None:
-        state = request.state[STATE_KEY] = PassState()
-    return state
+        valid = logits is not None and result.num_accepted == result.num_draft
+        set_pending(request, STATE_KEY, logits if valid else None, request.num_tokens + len(result.token_ids))
 
 
 # ---------------------------------------------------------------- loading
 
 
-ARTIFACTS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "pass"
-
-
-def default_artifact_path(model: str) -> Path:
-    """Where the committed embeddings for `model` live: artifacts/pass/<model name>.safetensors."""
-    from engine.models.loader import model_name
-
-    return ARTIFACTS_DIR / f"{model_name(model)}.safetensors"
-
-
 def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
     """The drafter for config.pass_artifact (or the committed default for this model; None if there
     is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
-    from engine.train.artifact import load_artifact
+    from engine.train.artifact import default_artifact_path, load_artifact
 
-    path = Path(config.pass_artifact) if config.pass_artifact else default_artifact_path(config.model)
+    path = Path(config.pass_artifact) if config.pass_artifact else default_artifact_path("pass", config.model)
     if not config.pass_artifact and not path.is_file():
         return None
     artifact = load_artifact(path, "pass", model_dir=model_dir)

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ARTIFACTS_DIR = Path(__file__).resolve().parents[2] / "artifacts"
 FORMAT_VERSION = 1
 METADATA_KEY = "specd"
 EDGE_ROWS = 2
@@ -23,6 +24,13 @@ EDGE_ROWS = 2
 
 class ArtifactError(ValueError):
     """An artifact that cannot serve this model or method; the message says why and what to do."""
+
+
+def default_artifact_path(method: str, model: str) -> Path:
+    """Where the committed artifact of `method` for `model` lives: artifacts/<method>/<model name>.safetensors."""
+    from engine.models.loader import model_name
+
+    return ARTIFACTS_DIR / method / f"{model_name(model)}.safetensors"
 
 
 def weight_fingerprint(model_dir: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""`specd train data | pass`: argparse only at import time (the server imports this without torch)."""
+"""`specd train data | pass | bpd`: argparse only at import time (the server imports this without torch)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,7 @@ def default_spec_bench_dir() -> Path:
 def add_train_parser(sub) -> None:
     from engine.train.config import DataConfig, TrainConfig
 
-    train = sub.add_parser("train", help="drafter training: self-distillation data, PaSS embeddings")
+    train = sub.add_parser("train", help="drafter training: self-distillation data, PaSS embeddings, BPD heads")
     tsub = train.add_subparsers(dest="train_command", required=True)
     dc, tc = DataConfig(), TrainConfig()
 
@@ -57,6 +57,20 @@ def add_train_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
     p.add_argument("--num-threads", type=int, default=None)
 
+    b = tsub.add_parser("bpd", help="train Blockwise Parallel Decoding heads on a data file")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--data", required=True)
+    b.add_argument("--out", default=None, help="artifact path (default artifacts/bpd/<model>.safetensors)")
+    b.add_argument("--num-heads", type=int, default=2, help="K, the tokens the heads guess past the next one")
+    b.add_argument("--epochs", type=int, default=5, help="passes over the training records (one per step)")
+    b.add_argument("--lr", type=float, default=3e-3)
+    b.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
+    b.add_argument("--eval-fraction", type=float, default=0.1)
+    b.add_argument("--eval-every", type=int, default=tc.eval_every)
+    b.add_argument("--seed", type=int, default=tc.seed)
+    b.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
+    b.add_argument("--num-threads", type=int, default=None)
+
 
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     import torch
@@ -67,6 +81,8 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     try:
         if args.train_command == "data":
             return _data(args, command)
+        if args.train_command == "bpd":
+            return _bpd(args, command)
         return _pass(args, command)
     except (ValueError, FileNotFoundError) as exc:
         print(f"specd train {args.train_command}: {exc}", file=sys.stderr)
@@ -89,14 +105,27 @@ def _data(args, command: str) -> int:
 
 
 def _pass(args, command: str) -> int:
-    from engine.spec.lookahead import default_artifact_path
+    from engine.train.artifact import default_artifact_path
     from engine.train.config import TrainConfig
     from engine.train.pass_ import train_pass
 
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                          seed=args.seed)
-    out = Path(args.out) if args.out else default_artifact_path(args.model)
+    out = Path(args.out) if args.out else default_artifact_path("pass", args.model)
     header = train_pass(args.model, args.data, out, args.num_lookahead, config, args.roots_per_example,
                         args.eval_fraction, args.checkpoint, command)
+    print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
+    return 0
+
+
+def _bpd(args, command: str) -> int:
+    from engine.train.artifact import default_artifact_path
+    from engine.train.bpd import train_bpd
+    from engine.train.config import TrainConfig
+
+    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed)
+    out = Path(args.out) if args.out else default_artifact_path("bpd", args.model)
+    header = train_bpd(args.model, args.data, out, args.num_heads, args.epochs, config, args.eval_fraction,
+                       args.checkpoint, command)
     print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
     return 0

@@ -1,7 +1,8 @@
 """The real server as a subprocess on 127.0.0.1, serving the tiny random-weight Llama.
 
 `server_url` is one shared server for the whole session; `start_server(model_dir, *flags)` starts
-another with custom flags (small queue, API key) for the tests that need one.
+another with custom flags (small queue, API key) for the tests that need one. Also the drafter
+training fixtures test_pass.py and test_bpd.py share: a tiny model with structure and its data.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from engine.train.config import DataConfig
+from tests.conftest import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120
@@ -107,3 +111,31 @@ def client(server_url):
     import openai
 
     return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+# ---------------------------------------------------------------- drafter training (test_pass.py, test_bpd.py)
+
+DATA_CONFIG = DataConfig(num_prompts=12, max_tokens=40, batch=6)
+
+
+@pytest.fixture(scope="session")
+def calm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its layer weights halved: its text has structure (runs of a token, then
+    another), so a drafter has something to learn, unlike the pure noise of the default tiny model."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_tiny_model(tmp_path_factory.mktemp("calm"), tiny_model_dir, seed=0)
+    weights = load_file(str(path / "model.safetensors"))
+    weights = {k: v * 0.5 if v.dim() > 1 and "embed" not in k else v for k, v in weights.items()}
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(calm_model_dir, tmp_path_factory) -> Path:
+    from engine.train.data import generate_data
+
+    out = tmp_path_factory.mktemp("data") / "data.jsonl"
+    generate_data(str(calm_model_dir), out, DATA_CONFIG,
+                  Path(__file__).resolve().parents[1] / "data", progress=False)
+    return out

@@ -21,12 +21,10 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.spec.base import chain
 from engine.train.artifact import ArtifactError, save_artifact, weight_fingerprint
-from engine.train.config import DataConfig, TrainConfig
+from engine.train.config import TrainConfig
 from engine.types import EngineRequest, Request, SamplingParams, ScheduledRequest, SchedulerOutput, SpecParams
 from tests.conftest import make_tiny_model
-
-DATA_CONFIG = DataConfig(num_prompts=12, max_tokens=40, batch=6)
-
+from tests.e2e.conftest import DATA_CONFIG
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
@@ -34,29 +32,6 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
     embeds = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     return save_artifact(tmp_path_factory.mktemp("pass") / "tiny.safetensors", {"lookahead": embeds}, method="pass",
                          base_model="tiny", base_model_hash=weight_fingerprint(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def calm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its layer weights halved: its text has structure (runs of a token, then
-    another), so a drafter has something to learn, unlike the pure noise of the default tiny model."""
-    from safetensors.torch import load_file, save_file
-
-    path = make_tiny_model(tmp_path_factory.mktemp("calm"), tiny_model_dir, seed=0)
-    weights = load_file(str(path / "model.safetensors"))
-    weights = {k: v * 0.5 if v.dim() > 1 and "embed" not in k else v for k, v in weights.items()}
-    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_data(calm_model_dir, tmp_path_factory) -> Path:
-    from engine.train.data import generate_data
-
-    out = tmp_path_factory.mktemp("data") / "data.jsonl"
-    generate_data(str(calm_model_dir), out, DATA_CONFIG,
-                  Path(__file__).resolve().parents[1] / "data", progress=False)
-    return out
 
 
 def test_training_forward_matches_the_serving_look_ahead_rows(tiny_model_dir):
@@ -153,10 +128,10 @@ def test_engine_refuses_a_wrong_or_missing_artifact(tiny_model_dir, tmp_path_fac
     cache = CacheConfig(num_tokens=1024)
     with pytest.raises(ArtifactError, match="trained for base model 'tiny'"):
         LLMEngine(EngineConfig(model=str(other), spec="pass", pass_artifact=str(tiny_artifact), cache=cache))
-    with pytest.raises(ValueError, match="needs look-ahead embeddings"):
+    with pytest.raises(ValueError, match="needs a trained artifact"):
         LLMEngine(EngineConfig(model=str(other), spec="pass", cache=cache))
     engine = LLMEngine(EngineConfig(model=str(other), spec="none", cache=cache))
-    with pytest.raises(ValueError, match="no PaSS artifact is loaded"):
+    with pytest.raises(ValueError, match="no pass artifact is loaded"):
         engine.add_request(EngineRequest("x", [1, 2], SamplingParams(), SpecParams(method="pass")))
 
 

@@ -19,7 +19,7 @@ from engine.types import EngineRequest, SamplingParams, SpecParams
 NEAR_TIE = 1e-3
 MAX_TOKENS = 32
 DATA = Path(__file__).resolve().parents[1] / "data" / "spec_bench_excerpt.jsonl"
-METHODS = ("ngram", "jacobi", "pass")  # pass: the committed artifact, default (two_call) mode
+METHODS = ("ngram", "jacobi", "pass", "bpd")  # pass, bpd: the committed artifacts (pass in two_call mode)
 
 
 def code_prompts() -> list[str]:
@@ -132,16 +132,16 @@ def test_each_method_alone_equals_none(engine, prompts, reference, method):
 
 @pytest.mark.real_model
 def test_mixed_batch_of_8_equals_none(engine, prompts, reference):
-    methods = ["none", "ngram", "jacobi", "pass"]
+    methods = ["none", "ngram", "jacobi", "pass", "bpd"]
     picks = [0, 3, 6, 9, 12, 14, 16, 19]
-    batch = [request(f"mix{i}", prompts[i], methods[k % 4], max_tokens=MAX_TOKENS - 4 * (k % 3))
+    batch = [request(f"mix{i}", prompts[i], methods[k % len(methods)], max_tokens=MAX_TOKENS - 4 * (k % 3))
              for k, i in enumerate(picks)]
     results = run(engine, batch)
     for k, i in enumerate(picks):
         got = results[f"mix{i}"]["tokens"]
         assert len(got) == MAX_TOKENS - 4 * (k % 3) or got[-1] in engine.eos_token_ids
         ref = dict(reference[i], tokens=reference[i]["tokens"][:len(got)])
-        assert_lossless(ref, got, f"mixed batch, prompt {i} ({methods[k % 4]})", exact=row_exact(engine))
+        assert_lossless(ref, got, f"mixed batch, prompt {i} ({methods[k % len(methods)]})", exact=row_exact(engine))
 
 
 @pytest.mark.real_model

@@ -3,12 +3,13 @@
 A tiny random Llama with a 4-token vocabulary makes the target distribution computable exactly:
 the joint law of the first 3 generated tokens at temperature 1 is enumerated over all 4^3
 continuations with HF transformers (fp32 forward, one softmax per step). Thousands of requests
-then sample through `LLMEngine` with `--spec none`, `ngram`, `jacobi` and `pass` (64 per batch, so
+then sample through `LLMEngine` with `--spec none`, `ngram`, `jacobi`, `pass` and `bpd` (64 per batch, so
 verify steps are batched and ragged), and a chi-square goodness-of-fit test compares the empirical joint
 with the exact one. Speculative runs use a long max_tokens (so the drafted chains/trees that decide
 tokens 2 and 3 are several nodes deep, with sibling branches for Jacobi) and abort each request
-once it has its 3 tokens. PaSS drafts are *sampled* from its look-ahead rows' distributions q
-(seeded random embeddings here), so it exercises the verifier's non-one-hot q path end to end.
+once it has its 3 tokens. PaSS and BPD drafts are *sampled* from the distributions q of PaSS's
+look-ahead rows and BPD's head rows (seeded random embeddings and heads here), so they exercise the
+verifier's non-one-hot q path end to end.
 
 The same statistic must catch a wrong rule: recovered tokens drawn from p instead of
 norm(max(p - q, 0)), and an acceptance test 10% too generous (min(1, 1.1 p / q)).
@@ -191,12 +192,19 @@ def pass_artifact(small_vocab_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(small_vocab_model, pass_artifact):
+def bpd_artifact(small_vocab_model, tmp_path_factory):
+    from tests.e2e.test_bpd import random_heads_artifact
+
+    return random_heads_artifact(small_vocab_model, tmp_path_factory.mktemp("bpd") / "vocab4.safetensors")
+
+
+@pytest.fixture(scope="module")
+def engine(small_vocab_model, pass_artifact, bpd_artifact):
     threads = torch.get_num_threads()
     # One thread: a 64-request step of this model is overhead-bound, and the CPU is shared.
     eng = LLMEngine(EngineConfig(model=str(small_vocab_model), spec="none", spec_adaptive=False,
                                  num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact),
-                                 pass_lookahead=4))  # chains of 4 sampled drafts, not the default 1
+                                 pass_lookahead=4, bpd_artifact=str(bpd_artifact)))  # chains of 4 sampled drafts, not the default 1
     assert eng.model_config.vocab_size == VOCAB
     yield eng
     torch.set_num_threads(threads)
@@ -248,7 +256,7 @@ def sample_first_tokens(engine: LLMEngine, method: str, num_samples: int, seed_b
     return out
 
 
-@pytest.mark.parametrize("method", ["none", "ngram", "jacobi", "pass"])
+@pytest.mark.parametrize("method", ["none", "ngram", "jacobi", "pass", "bpd"])
 def test_first_three_tokens_follow_the_exact_distribution(engine, exact, method):
     samples = sample_first_tokens(engine, method, NUM_SAMPLES, seed_base=1_000_000)
     stat, df = chi_square(samples.counts, exact.joint())
@@ -275,6 +283,7 @@ def _accept_10pct_more(u, p_x, q_x):
     ("ngram", "residual_from_p", 2048),
     ("jacobi", "residual_from_p", 2048),
     ("pass", "residual_from_p", 2048),
+    ("bpd", "residual_from_p", 2048),
     ("jacobi", "accept_10pct_more", NUM_SAMPLES),
 ])
 def test_a_wrong_rejection_rule_is_caught(engine, exact, monkeypatch, method, wrong_rule, num_samples):

@@ -1,0 +1,107 @@
+"""`--spec bpd`: Blockwise Parallel Decoding heads.
+
+Stern, Shazeer, Uszkoreit 2018, "Blockwise Parallel Decoding for Deep Autoregressive Models": K
+extra heads on the model's last hidden state guess the K tokens after the next one; the model then
+verifies the block in one pass and keeps the longest right prefix. Here the heads sit on the frozen
+model (trained by engine/train/bpd.py; artifacts/bpd/): head i maps the final-normed hidden state h
+of a row to h + SiLU(W_i h + b_i), and the model's own lm_head turns that into logits.
+
+Drafting rides in verification, so it costs no forward of its own: when a BPD request drafts, the
+runner applies the heads to each of its sampled rows and computes their logits in the same lm_head
+call as the verify rows (`ScheduledRequest.draft_heads`). After verification only the row that
+emitted the step's last token matters: its K head rows guess the K tokens after that token, which
+are the next step's chain of drafts. Heads read hidden states, not the cache: no KV slots.
+
+Drafts carry their q exactly as PaSS's do (engine/spec/base.py `set_pending`): greedy requests take
+the argmax, sampled ones draw from their own temperature / top-k / top-p applied to the head row,
+and the verifier's min(1, p/q) test keeps the output distribution exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.spec.base import propose_pending, set_pending
+from engine.types import DraftTree, Request, VerifyResult
+
+STATE_KEY = "bpd"
+ROWS_PER_DRAFT = 1.25
+"""Rows the step-cost controller charges one BPD draft: its verify row, plus its share of the head
+rows (K lm_head rows per sampled row; the lm_head is ~a fifth of the default model's weights)."""
+
+
+@dataclass
+class DraftHeads:
+    """K residual heads on final-normed hidden states: head i's output is h + SiLU(W_i h + b_i)."""
+
+    weight: torch.Tensor  # [K, H, H]
+    bias: torch.Tensor  # [K, H]
+
+    def __post_init__(self):
+        k, out, inp = self.weight.shape if self.weight.dim() == 3 else (0, 0, -1)
+        if k < 1 or out != inp or tuple(self.bias.shape) != (k, out):
+            raise ValueError(f"BPD heads must be weight [K, H, H] and bias [K, H], got "
+                             f"{tuple(self.weight.shape)} and {tuple(self.bias.shape)}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1]
+
+    def to(self, device, dtype) -> "DraftHeads":
+        return DraftHeads(self.weight.to(device, dtype), self.bias.to(device, dtype))
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden # [N, H] -> # [N * K, H]: row n's K head outputs together, head 1 first."""
+        return head_outputs(hidden, self.weight, self.bias).reshape(-1, hidden.shape[-1])
+
+
+def head_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """hidden # [N, H], weight # [K, H, H], bias # [K, H] -> # [N, K, H]: h + SiLU(W_i h + b_i).
+    Serving and training (engine/train/bpd.py) both go through it."""
+    return hidden[:, None, :] + F.silu(torch.einsum("nh,koh->nko", hidden, weight) + bias)
+
+
+class BpdProposer:
+    """Drafts what the heads guessed at the row that emitted the request's last token."""
+
+    name = "bpd"
+    rows_per_draft = ROWS_PER_DRAFT
+
+    def __init__(self, heads: DraftHeads):
+        self.heads = heads
+
+    def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
+        return propose_pending(requests, max_drafts, STATE_KEY)
+
+    def offer(self, request: Request, proposal: DraftTree | None, limit: int) -> list[int]:
+        """Depths the controller may keep: the pending drafts, or (none pending) the drafts the
+        heads would make this step for the next one."""
+        if proposal is not None:
+            return list(range(1, len(proposal) + 1))
+        return list(range(1, min(self.heads.num_heads, limit) + 1))
+
+    def observe_lookahead(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
+        """logits # [K, vocab]: the head rows of the row that emitted the step's last token (None:
+        the heads did not run). Called before the step's tokens are appended to request.token_ids."""
+        set_pending(request, STATE_KEY, logits, request.num_tokens + len(result.token_ids))
+
+
+def load_bpd_proposer(config, model_dir: Path) -> BpdProposer | None:
+    """The drafter for config.bpd_artifact (or the committed default for this model; None if there
+    is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
+    from engine.train.artifact import default_artifact_path, load_artifact
+
+    path = Path(config.bpd_artifact) if config.bpd_artifact else default_artifact_path("bpd", config.model)
+    if not config.bpd_artifact and not path.is_file():
+        return None
+    artifact = load_artifact(path, "bpd", model_dir=model_dir)
+    heads = DraftHeads(artifact.tensors["weight"].float(), artifact.tensors["bias"].float())
+    num_heads = min(heads.num_heads, config.num_draft_tokens) or 1
+    return BpdProposer(DraftHeads(heads.weight[:num_heads], heads.bias[:num_heads]))
