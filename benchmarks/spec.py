@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (Server, latency_summary, load_spec_bench, print_table, run_arrivals,  # noqa: E402
                                run_load, write_results)
+from engine.config import TRAINED_METHODS  # noqa: E402  (no padded layout: the server refuses them there)
 
 METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
-RAGGED_ONLY = ("pass", "bpd")  # their extra logits rows have no padded layout (the server refuses them)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -226,13 +226,13 @@ def main() -> None:
             for concurrency in args.concurrency:
                 # padded layouts: no drafts (none) or no other request (1 client) leave nothing to pad
                 methods = [m for m in args.methods if layout == "ragged"
-                           or (m != "none" and m not in RAGGED_ONLY and concurrency > 1)]
+                           or (m != "none" and m not in TRAINED_METHODS and concurrency > 1)]
                 if methods:
                     run = measure_per_category if args.workload == "per-category" else measure
                     rows += run(server, prompts, methods, concurrency, args.max_tokens, layout, args.rounds)
             for rate in args.request_rates:
                 for method in args.methods:
-                    if layout == "ragged" or (method != "none" and method not in RAGGED_ONLY):
+                    if layout == "ragged" or (method != "none" and method not in TRAINED_METHODS):
                         rows += measure_open_loop(server, prompts, method, rate, args.max_tokens, layout)
     with tempfile.TemporaryDirectory() as tmp:
         for label, flags in pass_variant_servers(args.pass_variants, args.server_args.split(), Path(tmp)):

@@ -12,6 +12,8 @@ from engine.spec.controller import FAIRNESS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SPEC_METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
+TRAINED_METHODS = ("pass", "bpd")
+"""Methods whose drafter needs a trained artifact; their extra logits rows exist in the ragged layout only."""
 SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
 PADDED_KV_NEEDS_CPU = "--spec-layout padded-kv runs on the CPU attention kernels only"
 PASS_MODES = ("fused", "two_call")
@@ -184,7 +186,7 @@ class EngineConfig:
             raise ValueError(f"pass_mode must be one of {', '.join(PASS_MODES)}, not {self.pass_mode!r}")
         if self.pass_lookahead < 1:
             raise ValueError("pass_lookahead must be >= 1")
-        if self.spec in ("pass", "bpd") and self.spec_layout != "ragged":
+        if self.spec in TRAINED_METHODS and self.spec_layout != "ragged":
             raise ValueError(f"--spec {self.spec} is not available with --spec-layout {self.spec_layout}")
         if not 0.0 <= self.spec_fairness <= 1.0:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import TRAINED_METHODS, EngineConfig
 from engine.sampler import apply_logit_processors, compute_logprobs, get_generator, probs_from_logits
 from engine.spec.base import depths, path_to
 from engine.spec.controller import DraftController
@@ -202,10 +202,10 @@ class Speculator:
     def check_method(self, method: str | None) -> None:
         if method is not None and method != "none" and method not in self.proposers:
             hint = f" (no {method} artifact is loaded for this model: see --{method}-artifact)" \
-                if method in TRAINED else ""
+                if method in TRAINED_METHODS else ""
             raise ValueError(f"unknown speculative method {method!r}{hint}; choose from none, "
                              f"{', '.join(sorted(self.proposers))}")
-        if method in TRAINED and self.padded:
+        if method in TRAINED_METHODS and self.padded:
             raise ValueError(f"speculative method {method!r} is not available with a padded --spec-layout")
 
     def max_drafts(self, request: Request, max_model_len: int) -> int:
@@ -358,7 +358,7 @@ def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str)
         return {}
     named = getattr(config, f"{method}_artifact")
     try:
-        proposer = TRAINED[method](config, model_dir)
+        proposer = TRAINED_LOADERS[method](config, model_dir)
     except ValueError as exc:
         if named or config.spec == method:
             raise
@@ -385,5 +385,5 @@ def _load_bpd(config, model_dir):
     return load_bpd_proposer(config, model_dir)
 
 
-TRAINED = {"pass": _load_pass, "bpd": _load_bpd}
-"""Methods whose drafter needs a trained artifact -> its loader (imported when used)."""
+TRAINED_LOADERS = {"pass": _load_pass, "bpd": _load_bpd}
+"""TRAINED_METHODS -> the loader of its drafter (imported when used)."""
