@@ -100,12 +100,11 @@ class BpdProposer:
 def load_bpd_proposer(config, model_dir: Path) -> BpdProposer | None:
     """The drafter for config.bpd_artifact (or the committed default for this model; None if there
     is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
-    from engine.train.artifact import default_artifact_path, load_artifact
+    from engine.train.artifact import load_served_artifact
 
-    path = Path(config.bpd_artifact) if config.bpd_artifact else default_artifact_path("bpd", config.model)
-    if not config.bpd_artifact and not path.is_file():
+    artifact = load_served_artifact(config.bpd_artifact, "bpd", config.model, model_dir)
+    if artifact is None:
         return None
-    artifact = load_artifact(path, "bpd", model_dir=model_dir)
     heads = DraftHeads(artifact.tensors["weight"].float(), artifact.tensors["bias"].float())
     num_heads = min(heads.num_heads, config.num_draft_tokens) or 1
     return BpdProposer(DraftHeads(heads.weight[:num_heads], heads.bias[:num_heads]))

@@ -107,11 +107,10 @@ class PassProposer:
 def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
     """The drafter for config.pass_artifact (or the committed default for this model; None if there
     is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
-    from engine.train.artifact import default_artifact_path, load_artifact
+    from engine.train.artifact import load_served_artifact
 
-    path = Path(config.pass_artifact) if config.pass_artifact else default_artifact_path("pass", config.model)
-    if not config.pass_artifact and not path.is_file():
+    artifact = load_served_artifact(config.pass_artifact, "pass", config.model, model_dir)
+    if artifact is None:
         return None
-    artifact = load_artifact(path, "pass", model_dir=model_dir)
     max_lookahead = min(config.pass_lookahead, config.num_draft_tokens) or 1
     return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, max_lookahead)

@@ -132,3 +132,12 @@ def load_artifact(path: str | Path, method: str, model_dir: str | Path | None = 
             f"{header.get('base_model_hash')}), but the served model's weights are {fingerprint}; "
             f"train one for this model: specd train data --model MODEL && specd train {method} --model MODEL")
     return Artifact(load_file(str(path)), header)
+
+
+def load_served_artifact(named: str | None, method: str, model: str, model_dir: str | Path) -> Artifact | None:
+    """The artifact a server was given (it must load), or else the committed one for this model
+    (None when there is none). Raises ArtifactError as load_artifact does."""
+    path = Path(named) if named else default_artifact_path(method, model)
+    if not named and not path.is_file():
+        return None
+    return load_artifact(path, method, model_dir=model_dir)
