@@ -139,3 +139,15 @@ def tiny_data(calm_model_dir, tmp_path_factory) -> Path:
     generate_data(str(calm_model_dir), out, DATA_CONFIG,
                   Path(__file__).resolve().parents[1] / "data", progress=False)
     return out
+
+
+def random_heads_artifact(model_dir: Path, out: Path, num_heads: int = 2, hidden: int = 64) -> Path:
+    """Random (seeded) heads: any heads are lossless, and these draft differently from the model."""
+    import torch
+
+    from engine.train.artifact import save_artifact, weight_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    return save_artifact(out, {"weight": torch.randn(num_heads, hidden, hidden, generator=g) / hidden ** 0.5,
+                               "bias": torch.randn(num_heads, hidden, generator=g)},
+                         method="bpd", base_model="tiny", base_model_hash=weight_fingerprint(model_dir), num_heads=num_heads)

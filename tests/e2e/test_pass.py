@@ -4,8 +4,7 @@
 - `specd train data` resumes an interrupted file to the same records;
 - a short training run lowers the loss, is deterministic under its seed, and resuming from a
   checkpoint gives the same embeddings as an uninterrupted run;
-- an artifact of another model, or none at all, fails loudly (engine and `specd serve`);
-- over HTTP, per-request `speculative.method = "pass"` is served and equals `none` (greedy).
+- wrong or missing artifacts and HTTP serving: test_trained_artifacts.py (with `bpd`).
 The real-model lossless tests are in test_spec_lossless.py (two_call, the default, one look-ahead
 row) and at the end here (fused, four look-ahead rows).
 """
@@ -13,26 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.spec.base import chain
-from engine.train.artifact import ArtifactError, save_artifact, weight_fingerprint
+from engine.train.artifact import weight_fingerprint
 from engine.train.config import TrainConfig
-from engine.types import EngineRequest, Request, SamplingParams, ScheduledRequest, SchedulerOutput, SpecParams
-from tests.conftest import make_tiny_model
+from engine.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput
 from tests.e2e.conftest import DATA_CONFIG
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
-    """Random (seeded) look-ahead embeddings for the tiny model: any embeddings are lossless."""
-    embeds = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    return save_artifact(tmp_path_factory.mktemp("pass") / "tiny.safetensors", {"lookahead": embeds}, method="pass",
-                         base_model="tiny", base_model_hash=weight_fingerprint(tiny_model_dir))
-
 
 def test_training_forward_matches_the_serving_look_ahead_rows(tiny_model_dir):
     from engine.train.frozen import FrozenLlama
@@ -119,42 +108,6 @@ def test_resuming_a_checkpoint_equals_an_uninterrupted_run(calm_model_dir, tiny_
     resumed, result = _train(calm_model_dir, tiny_data, checkpoint=tmp_path / "ckpt.pt")  # from step 4
     assert len(result.losses) == 12
     assert torch.equal(resumed, uninterrupted)
-
-
-def test_engine_refuses_a_wrong_or_missing_artifact(tiny_model_dir, tmp_path_factory, tiny_artifact):
-    from engine.engine import LLMEngine
-
-    other = make_tiny_model(tmp_path_factory.mktemp("other"), tiny_model_dir, seed=5)
-    cache = CacheConfig(num_tokens=1024)
-    with pytest.raises(ArtifactError, match="trained for base model 'tiny'"):
-        LLMEngine(EngineConfig(model=str(other), spec="pass", pass_artifact=str(tiny_artifact), cache=cache))
-    with pytest.raises(ValueError, match="needs a trained artifact"):
-        LLMEngine(EngineConfig(model=str(other), spec="pass", cache=cache))
-    engine = LLMEngine(EngineConfig(model=str(other), spec="none", cache=cache))
-    with pytest.raises(ValueError, match="no pass artifact is loaded"):
-        engine.add_request(EngineRequest("x", [1, 2], SamplingParams(), SpecParams(method="pass")))
-
-
-def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_model_dir, tmp_path_factory, tiny_artifact):
-    other = make_tiny_model(tmp_path_factory.mktemp("other-serve"), tiny_model_dir, seed=6)
-    with pytest.raises(RuntimeError, match="trained for base model"):
-        start_server("--spec", "pass", "--pass-artifact", str(tiny_artifact), model_dir=other)
-
-
-@pytest.mark.parametrize("mode", ["fused", "two_call"])
-def test_pass_over_http_equals_none(start_server, tiny_artifact, mode):
-    server = start_server("--pass-artifact", str(tiny_artifact), "--pass-mode", mode, "--pass-lookahead", "3",
-                          "--no-spec-adaptive")
-    outs = {}
-    for method in ("none", "pass"):
-        body = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
-                "speculative": {"method": method}}
-        resp = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
-        assert resp.status_code == 200, resp.text
-        outs[method] = resp.json()
-    assert outs["pass"]["choices"][0]["text"] == outs["none"]["choices"][0]["text"]
-    spec = outs["pass"]["usage"]["speculative"]
-    assert spec["draft_tokens"] > 0, spec
 
 
 # ---------------------------------------------------------------- the real model, fused mode

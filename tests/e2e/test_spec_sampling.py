@@ -193,7 +193,7 @@ def pass_artifact(small_vocab_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpd_artifact(small_vocab_model, tmp_path_factory):
-    from tests.e2e.test_bpd import random_heads_artifact
+    from tests.e2e.conftest import random_heads_artifact
 
     return random_heads_artifact(small_vocab_model, tmp_path_factory.mktemp("bpd") / "vocab4.safetensors")
 
