@@ -40,8 +40,8 @@ class Verified:
     result: VerifyResult
     logprobs: list[TokenLogprob | None]
     row_top_tokens: list[list[int]] | None = None  # for drafters that learn from the target (Jacobi)
-    lookahead_logits: Any = None  # [rows, vocab] next step's drafts: PaSS look-ahead rows, or the
-    # BPD head rows of the row that emitted this step's last token
+    draft_rows: Any = None  # [rows, vocab] logits that draft the next step: this request's PaSS
+    # look-ahead rows, or the BPD head rows of the row that emitted its last token (observe_draft_rows)
 
 
 def trim(tree: DraftTree, num_nodes: int) -> DraftTree | None:
@@ -87,7 +87,7 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
                 lookahead_logits: torch.Tensor | None = None, head_logits: torch.Tensor | None = None,
                 num_heads: int = 0) -> list[Verified]:
     """Verify every sampling request of the step. logits: # [sum(1 + len(draft)), vocab] fp32;
-    lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified; head_logits:
+    lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified.draft_rows; head_logits:
     # [num_heads x the sample rows of requests with draft_heads, vocab], of which each such request's
     Verified gets the num_heads rows of the row that emitted its last token."""
     requests = [s.request for s in entries]
@@ -114,14 +114,14 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
         start = 0
         for s, v in zip(entries, verified):
             if s.num_lookahead:
-                v.lookahead_logits = lookahead_logits[start:start + s.num_lookahead]
+                v.draft_rows = lookahead_logits[start:start + s.num_lookahead]
                 start += s.num_lookahead
     if head_logits is not None:
         start = 0
         for s, v, size in zip(entries, verified, sizes):
             if s.draft_heads:
                 row = start + emitted_rows(v.result)[-1] * num_heads
-                v.lookahead_logits = head_logits[row:row + num_heads]
+                v.draft_rows = head_logits[row:row + num_heads]
                 start += size * num_heads
     return verified
 
@@ -313,8 +313,8 @@ class Speculator:
         proposer = self.proposers.get(method)
         if proposer is not None and hasattr(proposer, "observe") and verified.row_top_tokens is not None:
             proposer.observe(s.request, verified.result, verified.row_top_tokens)
-        if verified.lookahead_logits is not None and hasattr(proposer, "observe_lookahead"):
-            proposer.observe_lookahead(s.request, verified.result, verified.lookahead_logits)
+        if verified.draft_rows is not None and hasattr(proposer, "observe_draft_rows"):
+            proposer.observe_draft_rows(s.request, verified.result, verified.draft_rows)
         draft_depth = max(depths(s.draft)) if s.draft is not None else 0
         self.controller.record(s.request, method, draft_depth, verified.result.num_accepted)
 

@@ -91,7 +91,7 @@ class BpdProposer:
             return list(range(1, len(proposal) + 1))
         return list(range(1, min(self.heads.num_heads, limit) + 1))
 
-    def observe_lookahead(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
+    def observe_draft_rows(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
         """logits # [K, vocab]: the head rows of the row that emitted the step's last token (None:
         the heads did not run). Called before the step's tokens are appended to request.token_ids."""
         set_pending(request, STATE_KEY, logits, request.num_tokens + len(result.token_ids))
@@ -105,6 +105,6 @@ def load_bpd_proposer(config, model_dir: Path) -> BpdProposer | None:
     artifact = load_served_artifact(config.bpd_artifact, "bpd", config.model, model_dir)
     if artifact is None:
         return None
-    heads = DraftHeads(artifact.tensors["weight"].float(), artifact.tensors["bias"].float())
-    num_heads = min(heads.num_heads, config.num_draft_tokens) or 1
-    return BpdProposer(DraftHeads(heads.weight[:num_heads], heads.bias[:num_heads]))
+    num_heads = max(1, config.num_draft_tokens)  # more heads than drafts would be computed for nothing
+    weight, bias = artifact.tensors["weight"], artifact.tensors["bias"]
+    return BpdProposer(DraftHeads(weight[:num_heads].float(), bias[:num_heads].float()))

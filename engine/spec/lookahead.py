@@ -90,7 +90,7 @@ class PassProposer:
         # Fused: re-draft one deeper than kept, so a short chain grows back as acceptance allows.
         return RowPlan(keep, min(self.num_lookahead, keep + 1, limit))
 
-    def observe_lookahead(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
+    def observe_draft_rows(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
         """After a step that appended look-ahead rows: their outputs are the next drafts when every
         draft before them was accepted (else they were conditioned on a rejected token).
 

@@ -41,7 +41,7 @@ def test_drafts_are_the_emitting_rows_head_guesses_until_the_text_moves():
     assert proposer.offer(r, None, limit=1) == [1]
     logits = torch.zeros(2, VOCAB)
     logits[0, 7] = logits[1, 8] = 5.0
-    proposer.observe_lookahead(r, VerifyResult("r", [5, 6], 2, 1, [0]), logits)  # a rejection does not matter
+    proposer.observe_draft_rows(r, VerifyResult("r", [5, 6], 2, 1, [0]), logits)  # a rejection does not matter
     r.token_ids += [5, 6]
     tree = proposer.propose([r], {"r": 5})["r"]
     assert tree.token_ids == [7, 8] and tree.draft_probs is None
@@ -64,9 +64,9 @@ def test_verify_step_hands_each_request_the_rows_of_its_last_emitted_token():
     head_logits = torch.arange((3 + 2) * 2, dtype=torch.float32)[:, None] * torch.ones(1, VOCAB)
     verified = verify_step(logits, entries, {}, head_logits=head_logits, num_heads=2)
     assert [v.result.token_ids for v in verified] == [[4, 5, 9], [1], [3]]
-    assert verified[0].lookahead_logits[:, 0].tolist() == [4.0, 5.0]  # r0's row 2, heads 1 and 2
-    assert verified[1].lookahead_logits is None
-    assert verified[2].lookahead_logits[:, 0].tolist() == [6.0, 7.0]  # r2's row 0 follows r0's 3 rows
+    assert verified[0].draft_rows[:, 0].tolist() == [4.0, 5.0]  # r0's row 2, heads 1 and 2
+    assert verified[1].draft_rows is None
+    assert verified[2].draft_rows[:, 0].tolist() == [6.0, 7.0]  # r2's row 0 follows r0's 3 rows
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])

@@ -31,7 +31,7 @@ def test_drafts_come_from_the_look_ahead_rows_and_go_stale():
     r = make_request()
     assert proposer.propose([r], {"r": 5}) == {}
     # A step with 1 draft, all accepted: the tokens [d, bonus] join the text, rows 7, 8, 9 are the drafts.
-    proposer.observe_lookahead(r, VerifyResult("r", [5, 6], 1, 1, [0]), la_logits(7, 8, 9))
+    proposer.observe_draft_rows(r, VerifyResult("r", [5, 6], 1, 1, [0]), la_logits(7, 8, 9))
     r.token_ids += [5, 6]
     tree = proposer.propose([r], {"r": 5})["r"]
     assert tree.token_ids == [7, 8, 9] and tree.parents == [-1, 0, 1] and tree.draft_probs is None
@@ -43,7 +43,7 @@ def test_drafts_come_from_the_look_ahead_rows_and_go_stale():
 def test_a_rejection_drops_the_look_ahead_rows():
     proposer = PassProposer(torch.zeros(3, 4))
     r = make_request()
-    proposer.observe_lookahead(r, VerifyResult("r", [5, 2], 2, 1, [0]), la_logits(7, 8, 9))
+    proposer.observe_draft_rows(r, VerifyResult("r", [5, 2], 2, 1, [0]), la_logits(7, 8, 9))
     r.token_ids += [5, 2]
     assert proposer.propose([r], {"r": 5}) == {}
 
@@ -52,7 +52,7 @@ def test_sampled_drafts_carry_their_q():
     proposer = PassProposer(torch.zeros(2, 4))
     r = make_request(temperature=1.0, seed=3)
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
-    proposer.observe_lookahead(r, VerifyResult("r", [5], 0, 0, []), logits)
+    proposer.observe_draft_rows(r, VerifyResult("r", [5], 0, 0, []), logits)
     r.token_ids.append(5)
     tree = proposer.propose([r], {"r": 5})["r"]
     assert torch.allclose(tree.draft_probs, torch.softmax(logits, -1))
