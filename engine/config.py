@@ -11,8 +11,8 @@ from pathlib import Path
 from engine.spec.controller import FAIRNESS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-SPEC_METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
-TRAINED_METHODS = ("pass", "bpd")
+SPEC_METHODS = ("none", "ngram", "jacobi", "pass", "bpd", "recycle")
+TRAINED_METHODS = ("pass", "bpd", "recycle")
 """Methods whose drafter needs a trained artifact; their extra logits rows exist in the ragged layout only."""
 SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
 PADDED_KV_NEEDS_CPU = "--spec-layout padded-kv runs on the CPU attention kernels only"
@@ -164,6 +164,11 @@ class EngineConfig:
     under 2% of held-out roots (artifacts/README.md)."""
     bpd_artifact: str | None = None
     """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
+    recycle_artifact: str | None = None
+    """RecycleGPT's recyclable module (default: artifacts/recycle/<model name>.safetensors when present)."""
+    recycle_lossy: bool = False
+    """The paper's alternating decoding: each step keeps one module token unverified (faster, and the
+    output is no longer exactly the model's; engine/spec/recycle.py)."""
     cache_dir: str | None = None
     """Where the dequantized default model is cached (default ~/.cache/specd or $SPECD_CACHE)."""
     num_threads: int | None = None

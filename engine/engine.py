@@ -65,6 +65,7 @@ class LLMEngine:
         self.spec = Speculator(config, model_dir)
         self.runner.set_lookahead(self.spec.lookahead_embeds)
         self.runner.set_heads(self.spec.draft_heads)
+        self.spec.bind_model(self.runner.model.embed, self.runner.model.dense_lm_head)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.spec.draft_policy)
         cost_model = self.spec.controller.cost_model
         cost_model.calibrate(self._forward_rows, self._calibration_rows())
@@ -124,8 +125,9 @@ class LLMEngine:
         real_drafts = self.spec.attach(sched)
         model_out = self.runner.execute(sched)
         logits = unpad(model_out.logits, entries, real_drafts) if self.spec.padded else model_out.logits
+        hidden = model_out.hidden_states if self.spec.wants_hidden and not self.spec.padded else None
         verified = verify_step(logits, entries, self.spec.top_k_for(entries), model_out.lookahead_logits,
-                               model_out.head_logits, self.spec.num_heads)
+                               model_out.head_logits, self.spec.num_heads, hidden, self.spec.unverified)
         stats.num_lookahead_rows = sum(s.num_lookahead for s in entries)
         stats.num_key_rows = sum((s.num_new_tokens + s.num_lookahead + (len(s.draft) if s.draft is not None else 0))
                                  * (s.request.num_cache_slots + s.num_new_tokens) for s in sched.scheduled)

@@ -10,7 +10,9 @@ drafts), and each request accepts what it earned. Its K/V stay where the runner 
 Rows: the runner returns, per sampling request, 1 + len(draft) logits rows (row 0 = after the last
 real token, row i + 1 = after draft node i), concatenated in scheduled order; PaSS look-ahead rows
 (engine/spec/lookahead.py) come apart, `num_lookahead` per request, in the same order, and so do
-BPD head rows (engine/spec/bpd.py), K per sampled row of each request with `draft_heads`.
+BPD head rows (engine/spec/bpd.py), K per sampled row of each request with `draft_heads`. Recycle
+requests (engine/spec/recycle.py) keep the hidden state of the row that emitted their last token and
+draft from it after the plan, for the drafts the controller kept.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class Verified:
     row_top_tokens: list[list[int]] | None = None  # for drafters that learn from the target (Jacobi)
     draft_rows: Any = None  # [rows, vocab] logits that draft the next step: this request's PaSS
     # look-ahead rows, or the BPD head rows of the row that emitted its last token (observe_draft_rows)
+    emitted_hidden: Any = None  # [hidden] the final-normed hidden state of the row that emitted its last
+    # token (observe_emitted: recycle)
 
 
 def trim(tree: DraftTree, num_nodes: int) -> DraftTree | None:
@@ -85,11 +89,14 @@ def _row_histories(request: Request, tree: DraftTree | None) -> list[list[int]]:
 
 def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for: dict[str, int],
                 lookahead_logits: torch.Tensor | None = None, head_logits: torch.Tensor | None = None,
-                num_heads: int = 0) -> list[Verified]:
+                num_heads: int = 0, hidden_states: torch.Tensor | None = None,
+                unverified: frozenset[str] | set[str] = frozenset()) -> list[Verified]:
     """Verify every sampling request of the step. logits: # [sum(1 + len(draft)), vocab] fp32;
     lookahead_logits: # [sum(num_lookahead), vocab], handed to each request's Verified.draft_rows; head_logits:
     # [num_heads x the sample rows of requests with draft_heads, vocab], of which each such request's
-    Verified gets the num_heads rows of the row that emitted its last token."""
+    Verified gets the num_heads rows of the row that emitted its last token; hidden_states: # [rows like
+    logits, hidden], of which each request's Verified gets its emitting row's; unverified: requests
+    whose drafts (chains) are kept without verification (--recycle-lossy)."""
     requests = [s.request for s in entries]
     trees = [s.draft for s in entries]
     sizes = [1 + (len(t) if t is not None else 0) for t in trees]
@@ -99,6 +106,8 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
     rows_params = [r.sampling for r, size in zip(requests, sizes) for _ in range(size)]
     histories = [h for r, t in zip(requests, trees) for h in _row_histories(r, t)]
     processed = apply_logit_processors(logits, rows_params, histories)
+    if unverified:
+        processed = _force_drafts(processed, entries, cu_rows, unverified)
     greedy = [r.sampling.greedy for r in requests]
     target_tokens = processed.argmax(dim=-1) if any(greedy) else None
     probs = None if all(greedy) else probs_from_logits(processed, rows_params)
@@ -123,7 +132,24 @@ def verify_step(logits: torch.Tensor, entries: list[ScheduledRequest], top_k_for
                 row = start + emitted_rows(v.result)[-1] * num_heads
                 v.draft_rows = head_logits[row:row + num_heads]
                 start += size * num_heads
+    if hidden_states is not None:
+        for first_row, v in zip(cu_rows, verified):
+            v.emitted_hidden = hidden_states[first_row + emitted_rows(v.result)[-1]]
     return verified
+
+
+def _force_drafts(processed: torch.Tensor, entries: list[ScheduledRequest], cu_rows: list[int],
+                  unverified: frozenset[str] | set[str]) -> torch.Tensor:
+    """A copy of the processed rows in which each unverified request's chain rows allow only its next
+    draft token, so greedy and stochastic acceptance both keep every draft (and the bonus row is the
+    model's own)."""
+    processed = processed.clone()
+    for s, first_row in zip(entries, cu_rows):
+        if s.request.request_id in unverified and s.draft is not None:
+            for k, token in enumerate(s.draft.token_ids):
+                processed[first_row + k] = float("-inf")
+                processed[first_row + k, token] = 0.0
+    return processed
 
 
 def _verified(logits: torch.Tensor, request: Request, result: VerifyResult, first_row: int, top_k: int,
@@ -173,10 +199,12 @@ class Speculator:
         self.proposers.update(_optional_proposers(config))
         self.proposers.update(_trained_proposer(config, model_dir, "pass"))
         self.proposers.update(_trained_proposer(config, model_dir, "bpd"))
+        self.proposers.update(_trained_proposer(config, model_dir, "recycle"))
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
         self._heads: set[str] = set()  # requests whose sampled rows get the BPD heads this step
+        self.unverified: set[str] = set()  # requests whose drafts are kept without verification (--recycle-lossy)
         self._rows_per_draft = {m: p.rows_per_draft for m, p in self.proposers.items() if hasattr(p, "rows_per_draft")}
 
     @property
@@ -195,6 +223,17 @@ class Speculator:
     def num_heads(self) -> int:
         heads = self.draft_heads
         return heads.num_heads if heads is not None else 0
+
+    @property
+    def wants_hidden(self) -> bool:
+        """Whether verify_step must hand out emitting rows' hidden states (a recycle drafter is loaded)."""
+        return "recycle" in self.proposers
+
+    def bind_model(self, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
+        """The served model's dense input embedding and lm_head, for drafters that run its parts (recycle)."""
+        for proposer in self.proposers.values():
+            if hasattr(proposer, "bind_model"):
+                proposer.bind_model(embed, lm_head)
 
     def method_of(self, request: Request) -> str:
         return request.spec.method or self.default_method
@@ -222,6 +261,7 @@ class Speculator:
             if method != "none" and _decoding(r):
                 by_method.setdefault(method, []).append(r)
         self._proposals, self._lookahead, self._heads, offers, limits = {}, {}, set(), {}, {}
+        self.unverified = set()
         for method, requests in by_method.items():
             proposer = self.proposers[method]
             limits.update({r.request_id: self.max_drafts(r, max_model_len) for r in requests})
@@ -244,6 +284,8 @@ class Speculator:
             self._plan_lookahead(r, limits[r.request_id], max_model_len)
         for r in by_method.get("bpd", []):
             self._plan_heads(r)
+        if by_method.get("recycle"):
+            self._draft_recycle(by_method["recycle"], limits)
         if self.padded and self._plan:  # the vanilla baseline: every request padded to the longest
             longest = max(self._plan.values())
             self._plan = {r.request_id: longest for reqs in by_method.values() for r in reqs
@@ -272,6 +314,18 @@ class Speculator:
             self._heads.add(rid)
             if rid not in self._proposals:
                 self._plan[rid] = 0
+
+    def _draft_recycle(self, requests: list[Request], limits: dict[str, int]) -> None:
+        """Draft what the controller kept for recycle requests, all in one batch of module rounds; with
+        --recycle-lossy every ready request instead takes one draft, unverified (alternating decoding)."""
+        proposer = self.proposers["recycle"]
+        if proposer.lossy:
+            for r in requests:
+                if proposer.ready(r) and limits[r.request_id] >= 1:
+                    self._plan[r.request_id] = 1
+                    self.unverified.add(r.request_id)
+        drafting = [r for r in requests if self._plan.get(r.request_id, 0) > 0]
+        self._proposals.update(proposer.draft(drafting, [self._plan[r.request_id] for r in drafting]))
 
     def draft_policy(self, request: Request) -> int:
         """The scheduler's hook: drafts this request may verify this step."""
@@ -315,6 +369,8 @@ class Speculator:
             proposer.observe(s.request, verified.result, verified.row_top_tokens)
         if verified.draft_rows is not None and hasattr(proposer, "observe_draft_rows"):
             proposer.observe_draft_rows(s.request, verified.result, verified.draft_rows)
+        if verified.emitted_hidden is not None and hasattr(proposer, "observe_emitted"):
+            proposer.observe_emitted(s.request, verified.result, verified.emitted_hidden)
         draft_depth = max(depths(s.draft)) if s.draft is not None else 0
         self.controller.record(s.request, method, draft_depth, verified.result.num_accepted)
 
@@ -385,5 +441,11 @@ def _load_bpd(config, model_dir):
     return load_bpd_proposer(config, model_dir)
 
 
-TRAINED_LOADERS = {"pass": _load_pass, "bpd": _load_bpd}
+def _load_recycle(config, model_dir):
+    from engine.spec.recycle import load_recycle_proposer
+
+    return load_recycle_proposer(config, model_dir)
+
+
+TRAINED_LOADERS = {"pass": _load_pass, "bpd": _load_bpd, "recycle": _load_recycle}
 """TRAINED_METHODS -> the loader of its drafter (imported when used)."""

@@ -58,6 +58,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="PaSS look-ahead rows per step (at most the artifact's L)")
     p.add_argument("--bpd-artifact", default=None,
                    help="Blockwise Parallel Decoding heads (default: artifacts/bpd/<model>.safetensors if present)")
+    p.add_argument("--recycle-artifact", default=None,
+                   help="RecycleGPT's recyclable module (default: artifacts/recycle/<model>.safetensors if present)")
+    p.add_argument("--recycle-lossy", action="store_true",
+                   help="recycle: keep one module token per step unverified (the paper's alternating decoding; "
+                        "faster, NOT lossless)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="where the default model is cached")
     p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
@@ -88,7 +93,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
-        bpd_artifact=args.bpd_artifact,
+        bpd_artifact=args.bpd_artifact, recycle_artifact=args.recycle_artifact, recycle_lossy=args.recycle_lossy,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),

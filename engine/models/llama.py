@@ -109,10 +109,11 @@ class LlamaModel:
         self.final_norm = get("model.norm.weight")
         tied = config.tie_word_embeddings or "lm_head.weight" not in weights
         self.lm_head = self.embed if tied else get("lm_head.weight")  # [vocab, hidden]
+        self.dense_lm_head = self.lm_head  # stays unpacked and unquantized (rescoring, the recycle drafter)
         self.layers = [self._load_layer(get, weights, i) for i in range(config.num_layers)]
         self.cos_table, self.sin_table = _rope_tables(config, self.device, self.dtype)
         self.linear_backend = "int8" if dtype in SPLIT_SHARES else self._choose_backend(linear_backend)
-        self.exact_lm_head = self.lm_head if self.linear_backend == "int8" else None  # fp32, for rescoring
+        self.exact_lm_head = self.dense_lm_head if self.linear_backend == "int8" else None  # for rescoring
         self.prompt_rows_dense = False  # int8: prompt-token rows through a dense linear (engine/models/linear.py)
         self.prompt_linear_name: str | None = None  # int8: which (a PromptLinear's name, or "int8")
         self.int8_layers: Int8Layers | None = None  # int8 decoding steps' layers on the CPU (None: layer by op)

@@ -1,4 +1,4 @@
-"""`specd train data | pass | bpd`: argparse only at import time (the server imports this without torch)."""
+"""`specd train data | pass | bpd | recycle`: argparse only at import time (the server imports this without torch)."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,22 @@ def add_train_parser(sub) -> None:
     b.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
     b.add_argument("--num-threads", type=int, default=None)
 
+    r = tsub.add_parser("recycle", help="train RecycleGPT's recyclable module on a data file")
+    r.add_argument("--model", default=DEFAULT_MODEL)
+    r.add_argument("--data", required=True)
+    r.add_argument("--out", default=None, help="artifact path (default artifacts/recycle/<model>.safetensors)")
+    r.add_argument("--depth", type=int, default=2, help="module rounds trained unrolled (drafts per step)")
+    r.add_argument("--vocab-size", type=int, default=8192, help="tokens in the draft vocabulary")
+    r.add_argument("--ffn-size", type=int, default=576, help="the module's inner width")
+    r.add_argument("--epochs", type=int, default=10, help="passes over the training records (one per step)")
+    r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
+    r.add_argument("--eval-fraction", type=float, default=0.1)
+    r.add_argument("--eval-every", type=int, default=tc.eval_every)
+    r.add_argument("--seed", type=int, default=tc.seed)
+    r.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
+    r.add_argument("--num-threads", type=int, default=None)
+
 
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     import torch
@@ -83,6 +99,8 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             return _data(args, command)
         if args.train_command == "bpd":
             return _bpd(args, command)
+        if args.train_command == "recycle":
+            return _recycle(args, command)
         return _pass(args, command)
     except (ValueError, FileNotFoundError) as exc:
         print(f"specd train {args.train_command}: {exc}", file=sys.stderr)
@@ -127,5 +145,18 @@ def _bpd(args, command: str) -> int:
     out = Path(args.out) if args.out else default_artifact_path("bpd", args.model)
     header = train_bpd(args.model, args.data, out, args.num_heads, args.epochs, config, args.eval_fraction,
                        args.checkpoint, command)
+    print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
+    return 0
+
+
+def _recycle(args, command: str) -> int:
+    from engine.train.artifact import default_artifact_path
+    from engine.train.config import TrainConfig
+    from engine.train.recycle import train_recycle
+
+    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed)
+    out = Path(args.out) if args.out else default_artifact_path("recycle", args.model)
+    header = train_recycle(args.model, args.data, out, args.depth, args.vocab_size, args.ffn_size, args.epochs,
+                           config, args.eval_fraction, args.checkpoint, command)
     print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
     return 0

@@ -151,3 +151,17 @@ def random_heads_artifact(model_dir: Path, out: Path, num_heads: int = 2, hidden
     return save_artifact(out, {"weight": torch.randn(num_heads, hidden, hidden, generator=g) / hidden ** 0.5,
                                "bias": torch.randn(num_heads, hidden, generator=g)},
                          method="bpd", base_model="tiny", base_model_hash=weight_fingerprint(model_dir), num_heads=num_heads)
+
+
+def random_recycle_artifact(model_dir: Path, out: Path, vocab: list[int], hidden: int = 64, ffn: int = 32) -> Path:
+    """A random (seeded) recyclable module drafting over `vocab`: any module is lossless, and this one
+    drafts differently from the model."""
+    import torch
+
+    from engine.train.artifact import save_artifact, weight_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w_in": (hidden, 2 * hidden), "b_in": (hidden,), "w_1": (ffn, hidden), "b_1": (ffn,), "w_2": (hidden, ffn)}
+    tensors = {name: torch.randn(*shape, generator=g) / shape[-1] ** 0.5 for name, shape in shapes.items()}
+    return save_artifact(out, {**tensors, "vocab": torch.tensor(vocab)}, method="recycle", base_model="tiny",
+                         base_model_hash=weight_fingerprint(model_dir), depth=2, vocab_size=len(vocab))

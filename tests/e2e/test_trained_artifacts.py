@@ -1,4 +1,4 @@
-"""What the artifact-backed drafters (`pass`, `bpd`) share end to end on the tiny random Llama: an
+"""What the artifact-backed drafters (`pass`, `bpd`, `recycle`) share end to end on the tiny random Llama: an
 artifact of another model, or none at all, fails loudly in the engine and at `specd serve` start-up,
 and over HTTP a request choosing the method is served and equals `none` (greedy)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from engine.config import CacheConfig, EngineConfig
 from engine.train.artifact import ArtifactError, save_artifact, weight_fingerprint
 from engine.types import EngineRequest, SamplingParams, SpecParams
 from tests.conftest import make_tiny_model
-from tests.e2e.conftest import random_heads_artifact
+from tests.e2e.conftest import random_heads_artifact, random_recycle_artifact
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,15 @@ def tiny_artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     embeds = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     return {"pass": save_artifact(out / "pass.safetensors", {"lookahead": embeds}, method="pass", base_model="tiny",
                                   base_model_hash=weight_fingerprint(tiny_model_dir)),
-            "bpd": random_heads_artifact(tiny_model_dir, out / "bpd.safetensors")}
+            "bpd": random_heads_artifact(tiny_model_dir, out / "bpd.safetensors"),
+            "recycle": random_recycle_artifact(tiny_model_dir, out / "recycle.safetensors", list(range(0, 4096, 3)))}
 
 
 def _flags(method: str, artifact: Path) -> dict:
     return {f"{method}_artifact": str(artifact)}
 
 
-@pytest.mark.parametrize("method", ["pass", "bpd"])
+@pytest.mark.parametrize("method", ["pass", "bpd", "recycle"])
 def test_engine_refuses_a_wrong_or_missing_artifact(tiny_model_dir, tmp_path_factory, tiny_artifacts, method):
     from engine.engine import LLMEngine
 
@@ -47,7 +48,7 @@ def test_engine_refuses_a_wrong_or_missing_artifact(tiny_model_dir, tmp_path_fac
         EngineConfig(spec=method, spec_layout="padded")
 
 
-@pytest.mark.parametrize("method", ["pass", "bpd"])
+@pytest.mark.parametrize("method", ["pass", "bpd", "recycle"])
 def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_model_dir, tmp_path_factory,
                                                         tiny_artifacts, method):
     other = make_tiny_model(tmp_path_factory.mktemp("other-serve"), tiny_model_dir, seed=6)
@@ -59,6 +60,8 @@ def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_mode
     ("pass", ["--pass-mode", "fused", "--pass-lookahead", "3"]),
     ("pass", ["--pass-mode", "two_call", "--pass-lookahead", "3"]),
     ("bpd", []),
+    ("recycle", []),
+    ("recycle", ["--num-draft-tokens", "1"]),
 ])
 def test_method_over_http_equals_none(start_server, tiny_artifacts, method, flags):
     server = start_server(f"--{method}-artifact", str(tiny_artifacts[method]), *flags, "--no-spec-adaptive")
