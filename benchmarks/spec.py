@@ -52,7 +52,7 @@ from benchmarks.common import (Server, latency_summary, load_spec_bench, print_t
                                run_load, write_results)
 from engine.config import TRAINED_METHODS  # noqa: E402  (no padded layout: the server refuses them there)
 
-METHODS = ("none", "ngram", "jacobi", "pass", "bpd")
+METHODS = ("none", "ngram", "jacobi", "pass", "bpd", "recycle")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -121,8 +121,8 @@ def build_examples(frozen: FrozenLlama, train_records: list[Record], eval_record
     return featurize(train_records), featurize(eval_records), vocab
 
 
-def train_recycle(model: str, data_path: str | Path, out: str | Path, depth: int = 2, vocab_size: int = 8192,
-                  ffn_size: int = 576, epochs: int = 5, config: TrainConfig = TrainConfig(lr=1e-3),
+def train_recycle(model: str, data_path: str | Path, out: str | Path, depth: int = 2, vocab_size: int = 16384,
+                  ffn_size: int = 1536, epochs: int = 10, config: TrainConfig = TrainConfig(lr=1e-3),
                   eval_fraction: float = 0.1, checkpoint: str | Path | None = None, command: str = "",
                   progress: bool = True) -> dict:
     """Train the module on a data file (`config.steps` is ignored: `epochs` passes over the training

@@ -19,7 +19,8 @@ from engine.types import EngineRequest, SamplingParams, SpecParams
 NEAR_TIE = 1e-3
 MAX_TOKENS = 32
 DATA = Path(__file__).resolve().parents[1] / "data" / "spec_bench_excerpt.jsonl"
-METHODS = ("ngram", "jacobi", "pass", "bpd")  # pass, bpd: the committed artifacts (pass in two_call mode)
+METHODS = ("ngram", "jacobi", "pass", "bpd", "recycle")  # pass, bpd, recycle: the committed artifacts
+# (pass in two_call mode)
 
 
 def code_prompts() -> list[str]:
@@ -132,7 +133,7 @@ def test_each_method_alone_equals_none(engine, prompts, reference, method):
 
 @pytest.mark.real_model
 def test_mixed_batch_of_8_equals_none(engine, prompts, reference):
-    methods = ["none", "ngram", "jacobi", "pass", "bpd"]
+    methods = ["none", "ngram", "jacobi", "pass", "bpd", "recycle"]
     picks = [0, 3, 6, 9, 12, 14, 16, 19]
     batch = [request(f"mix{i}", prompts[i], methods[k % len(methods)], max_tokens=MAX_TOKENS - 4 * (k % 3))
              for k, i in enumerate(picks)]

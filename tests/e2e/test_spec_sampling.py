@@ -3,13 +3,14 @@
 A tiny random Llama with a 4-token vocabulary makes the target distribution computable exactly:
 the joint law of the first 3 generated tokens at temperature 1 is enumerated over all 4^3
 continuations with HF transformers (fp32 forward, one softmax per step). Thousands of requests
-then sample through `LLMEngine` with `--spec none`, `ngram`, `jacobi`, `pass` and `bpd` (64 per batch, so
+then sample through `LLMEngine` with `--spec none`, `ngram`, `jacobi`, `pass`, `bpd` and `recycle` (64 per batch, so
 verify steps are batched and ragged), and a chi-square goodness-of-fit test compares the empirical joint
 with the exact one. Speculative runs use a long max_tokens (so the drafted chains/trees that decide
 tokens 2 and 3 are several nodes deep, with sibling branches for Jacobi) and abort each request
 once it has its 3 tokens. PaSS and BPD drafts are *sampled* from the distributions q of PaSS's
-look-ahead rows and BPD's head rows (seeded random embeddings and heads here), so they exercise the
-verifier's non-one-hot q path end to end.
+look-ahead rows and BPD's head rows (seeded random embeddings and heads here), and recycle drafts from
+a seeded random module's q over a draft vocabulary that leaves out token 3, so they exercise the
+verifier's non-one-hot q path end to end, with q = 0 where p > 0 too.
 
 The same statistic must catch a wrong rule: recovered tokens drawn from p instead of
 norm(max(p - q, 0)), and an acceptance test 10% too generous (min(1, 1.1 p / q)).
@@ -199,12 +200,21 @@ def bpd_artifact(small_vocab_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(small_vocab_model, pass_artifact, bpd_artifact):
+def recycle_artifact(small_vocab_model, tmp_path_factory):
+    from tests.e2e.conftest import random_recycle_artifact
+
+    return random_recycle_artifact(small_vocab_model, tmp_path_factory.mktemp("recycle") / "vocab4.safetensors",
+                                   vocab=[0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def engine(small_vocab_model, pass_artifact, bpd_artifact, recycle_artifact):
     threads = torch.get_num_threads()
     # One thread: a 64-request step of this model is overhead-bound, and the CPU is shared.
     eng = LLMEngine(EngineConfig(model=str(small_vocab_model), spec="none", spec_adaptive=False,
                                  num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact),
-                                 pass_lookahead=4, bpd_artifact=str(bpd_artifact)))  # chains of 4 sampled drafts, not the default 1
+                                 pass_lookahead=4,  # chains of 4 sampled drafts, not the default 1
+                                 bpd_artifact=str(bpd_artifact), recycle_artifact=str(recycle_artifact)))
     assert eng.model_config.vocab_size == VOCAB
     yield eng
     torch.set_num_threads(threads)
@@ -256,7 +266,7 @@ def sample_first_tokens(engine: LLMEngine, method: str, num_samples: int, seed_b
     return out
 
 
-@pytest.mark.parametrize("method", ["none", "ngram", "jacobi", "pass", "bpd"])
+@pytest.mark.parametrize("method", ["none", "ngram", "jacobi", "pass", "bpd", "recycle"])
 def test_first_three_tokens_follow_the_exact_distribution(engine, exact, method):
     samples = sample_first_tokens(engine, method, NUM_SAMPLES, seed_base=1_000_000)
     stat, df = chi_square(samples.counts, exact.joint())
@@ -284,6 +294,7 @@ def _accept_10pct_more(u, p_x, q_x):
     ("jacobi", "residual_from_p", 2048),
     ("pass", "residual_from_p", 2048),
     ("bpd", "residual_from_p", 2048),
+    ("recycle", "residual_from_p", 2048),
     ("jacobi", "accept_10pct_more", NUM_SAMPLES),
 ])
 def test_a_wrong_rejection_rule_is_caught(engine, exact, monkeypatch, method, wrong_rule, num_samples):
