@@ -65,22 +65,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--artifact", default=None, help="recycle artifact (default: the committed one)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="configurations to run (none always runs: the others are measured against it)")
     ap.add_argument("--out", default=str(RESULTS / "recycle_cpu.json"))
     args = ap.parse_args()
+    configs = ["none"] + [c for c in args.configs if c != "none"]
 
     def engine(adaptive: bool = True, lossy: bool = False) -> LLMEngine:
         return LLMEngine(EngineConfig(model=DEFAULT_MODEL, spec="none", dtype=args.dtype, spec_adaptive=adaptive,
                                       recycle_artifact=args.artifact, recycle_lossy=lossy,
                                       cache=CacheConfig(num_tokens=16384)))
 
-    engines = {"lossless": engine(), "verify_all": engine(adaptive=False), "lossy": engine(lossy=True)}
+    makers = {"lossless": engine, "verify_all": lambda: engine(adaptive=False), "lossy": lambda: engine(lossy=True)}
+    engines = {which: makers[which]() for which in {"lossless"} | {CONFIGS[c][1] for c in configs}}
     rows_in = load_spec_bench(args.per_category)
     tokenizer = engines["lossless"].tokenizer
     prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows_in]
-    totals = {label: {"tokens": 0, "seconds": 0.0, "drafts": 0, "accepted": 0, "steps": 0} for label in CONFIGS}
+    totals = {label: {"tokens": 0, "seconds": 0.0, "drafts": 0, "accepted": 0, "steps": 0} for label in configs}
     outputs: dict[str, list[list[int]]] = {}
     for rnd in range(args.rounds):
-        for label in list(CONFIGS)[:: 1 if rnd % 2 == 0 else -1]:
+        for label in configs[:: 1 if rnd % 2 == 0 else -1]:
             method, which = CONFIGS[label]
             outs = []
             start = time.perf_counter()

@@ -36,11 +36,15 @@ from engine.spec.base import chain
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "recycle"
-ROWS_PER_DRAFT = 1.25
-"""Rows the step-cost controller charges one recycle draft: its verify row plus a module round, which
-reads the module (1.3M weights) and the draft vocabulary's lm_head rows (8192 x 576) once for all the
-step's recycle requests. That is ~5% of the default model's weights in fp32 and ~18% in int8, where
-the model's weights are a quarter the size (an estimate; benchmarks/results/recycle_cpu.txt)."""
+ROWS_PER_DRAFT = 3.0
+"""Rows the step-cost controller charges one recycle draft: its verify row plus its share of a module
+round, which reads the module and the draft vocabulary's lm_head rows once for all the step's recycle
+requests. Measured (session 22, default model, 2-core guest): a round takes 1.06 ms for one request
+and 2.77 ms for eight, against plain decode steps of 23.5 / 32.5 ms (fp32) and 11.2 / 16.8 ms (int8):
+4.5% / 10% of a step at batch 1, where an extra verify row costs ~3% / ~6%, so ~2.5 rows; at batch 8
+a draft's share is ~1% of the step, ~1.3 rows. The controller has no per-round fixed cost to charge
+instead. Charged 2 rows it still drafted 0.75 per step at batch 1 for 0.08 accepted (0.96x `none`,
+fp32); charged 3, 0.46 for 0.07 (1.00x; benchmarks/results/recycle_cpu.txt)."""
 
 
 @dataclass
