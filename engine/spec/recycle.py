@@ -36,15 +36,15 @@ from engine.spec.base import chain
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "recycle"
-ROWS_PER_DRAFT = 3.0
+ROWS_PER_DRAFT = 5.0
 """Rows the step-cost controller charges one recycle draft: its verify row plus its share of a module
 round, which reads the module and the draft vocabulary's lm_head rows once for all the step's recycle
-requests. Measured (session 22, default model, 2-core guest): a round takes 1.06 ms for one request
-and 2.77 ms for eight, against plain decode steps of 23.5 / 32.5 ms (fp32) and 11.2 / 16.8 ms (int8):
-4.5% / 10% of a step at batch 1, where an extra verify row costs ~3% / ~6%, so ~2.5 rows; at batch 8
-a draft's share is ~1% of the step, ~1.3 rows. The controller has no per-round fixed cost to charge
-instead. Charged 2 rows it still drafted 0.75 per step at batch 1 for 0.08 accepted (0.96x `none`,
-fp32); charged 3, 0.46 for 0.07 (1.00x; benchmarks/results/recycle_cpu.txt)."""
+requests (the controller has no per-round fixed cost to charge instead). Measured (session 22, default
+model, 2-core guest): a round takes 1.06 ms for one request and 2.77 ms for eight, against plain decode
+steps of 23.5 / 32.5 ms in fp32 and 11.2 / 16.8 ms in int8. Verifying every draft, a draft cost 0.11
+of a batch-1 step in fp32 and 0.19 in int8, ~3 and ~5 of the controller's calibrated rows. At batch 1
+(benchmarks/results/recycle_cpu.txt): charged 2 rows, 0.96x `none` in fp32; 3 rows, 1.00x in fp32 and
+0.96x in int8 (the CPU default); 5 rows, 1.00x in fp32 and 0.98x in int8."""
 
 
 @dataclass
@@ -115,6 +115,7 @@ class RecycleProposer:
         self.lossy = lossy
         self.embed: torch.Tensor | None = None  # [vocab, H] the model's input embeddings (bind_model)
         self.head: torch.Tensor | None = None  # [V', H] the lm_head rows of the draft vocabulary
+        self.index_of: torch.Tensor | None = None  # [vocab] a token's index in the draft vocabulary
 
     def bind_model(self, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
         """The served model's dense input embedding and lm_head ([vocab, H] each)."""
@@ -125,6 +126,9 @@ class RecycleProposer:
             raise ValueError("the recycle module's draft vocabulary is larger than the model's")
         self.module = self.module.to(embed.device, embed.dtype)
         self.embed, self.head = embed, lm_head[self.module.vocab].contiguous()
+        vocab = self.module.vocab
+        self.index_of = torch.zeros(embed.shape[0], dtype=torch.long, device=vocab.device)
+        self.index_of[vocab] = torch.arange(len(vocab), device=vocab.device)
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         """Nothing yet: drafting waits for the plan (`draft`), so only kept drafts cost a round."""
@@ -159,7 +163,7 @@ class RecycleProposer:
             for i, token in enumerate(tokens.tolist()):
                 if depth < depths[i]:
                     drafts[i].append(token)
-        return {r.request_id: chain(d, torch.stack(q) if q else None)
+        return {r.request_id: chain(d, torch.stack(q[:len(d)]) if q else None)  # q of its own rounds only
                 for r, d, q in zip(requests, drafts, q_rows)}
 
     def _pick(self, requests: list[Request], logits: torch.Tensor, q_rows: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -172,9 +176,7 @@ class RecycleProposer:
             full[:, self.module.vocab] = logits[sampled]
             q = probs_from_logits(full, [requests[i].sampling for i in sampled])
             tokens = sample_from_probs(q, [get_generator(requests[i]) for i in sampled])
-            position = torch.empty(self.embed.shape[0], dtype=torch.long, device=logits.device)
-            position[self.module.vocab] = torch.arange(len(self.module.vocab), device=logits.device)
-            picks[sampled] = position[tokens]
+            picks[sampled] = self.index_of[tokens.to(picks.device)]
             for row, i in enumerate(sampled):
                 q_rows[i].append(q[row])
         return picks

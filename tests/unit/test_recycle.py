@@ -83,7 +83,10 @@ def test_sampled_drafts_carry_q_over_the_draft_vocabulary():
     proposer, embed, lm_head = bound_proposer()
     hidden = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(6))
     r = ready_request(proposer, "s", hidden, temperature=0.7, seed=3)
-    tree = proposer.draft([r], [2])["s"]
+    short = ready_request(proposer, "t", hidden, temperature=0.7, seed=4)
+    trees = proposer.draft([r, short], [2, 1])
+    assert len(trees["t"]) == 1 and trees["t"].draft_probs.shape == (1, VOCAB)  # no rows past its depth
+    tree = trees["s"]
     q = tree.draft_probs
     assert q.shape == (2, VOCAB)
     outside = torch.ones(VOCAB, dtype=torch.bool)
