@@ -408,7 +408,7 @@ def _optional_proposers(config: EngineConfig) -> dict:
 
 
 def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str) -> dict:
-    """A drafter with a trained artifact (pass, bpd) when one exists for this model (or was named:
+    """A drafter with a trained artifact (pass, bpd, recycle) when one exists for this model (or was named:
     then it must load)."""
     if model_dir is None:
         return {}

@@ -1,4 +1,4 @@
-"""A drafter training job's two ends, shared by every drafter (pass, bpd): the data, checked against
+"""A drafter training job's two ends, shared by every drafter (pass, bpd, recycle): the data, checked against
 the served model and split into training and held-out records, and the artifact, written with its
 provenance (the command, the settings, the data file's sha256, the held-out evaluation before and
 after training and its history)."""
