@@ -24,7 +24,7 @@ def default_spec_bench_dir() -> Path:
 def add_train_parser(sub) -> None:
     from engine.train.config import DataConfig, TrainConfig
 
-    train = sub.add_parser("train", help="drafter training: self-distillation data, PaSS embeddings, BPD heads")
+    train = sub.add_parser("train", help="drafter training: self-distillation data, PaSS embeddings, BPD heads, recycle module")
     tsub = train.add_subparsers(dest="train_command", required=True)
     dc, tc = DataConfig(), TrainConfig()
 
@@ -42,50 +42,39 @@ def add_train_parser(sub) -> None:
     d.add_argument("--spec-bench-dir", default=None, help="Spec-Bench data the prompts must be disjoint from")
     d.add_argument("--num-threads", type=int, default=None)
 
-    p = tsub.add_parser("pass", help="train PaSS look-ahead embeddings on a data file")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default=None, help="artifact path (default artifacts/pass/<model>.safetensors)")
+    p = _drafter_parser(tsub, "pass", "PaSS look-ahead embeddings", lr=tc.lr)
     p.add_argument("--num-lookahead", type=int, default=4, help="L, the number of look-ahead embeddings")
     p.add_argument("--steps", type=int, default=tc.steps)
-    p.add_argument("--lr", type=float, default=tc.lr)
-    p.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
     p.add_argument("--roots-per-example", type=int, default=48, help="split points per sequence per step")
+
+    b = _drafter_parser(tsub, "bpd", "Blockwise Parallel Decoding heads", lr=3e-3)
+    b.add_argument("--num-heads", type=int, default=2, help="K, the tokens the heads guess past the next one")
+    b.add_argument("--epochs", type=int, default=5, help="passes over the training records (one per step)")
+
+    r = _drafter_parser(tsub, "recycle", "RecycleGPT's recyclable module", lr=1e-3)
+    r.add_argument("--depth", type=int, default=2, help="module rounds trained unrolled (drafts per step)")
+    r.add_argument("--vocab-size", type=int, default=16384, help="tokens in the draft vocabulary")
+    r.add_argument("--ffn-size", type=int, default=1536, help="the module's inner width")
+    r.add_argument("--epochs", type=int, default=10, help="passes over the training records (one per step)")
+
+
+def _drafter_parser(tsub, method: str, what: str, lr: float) -> argparse.ArgumentParser:
+    """A drafter's training subcommand with the options every drafter's training shares."""
+    from engine.train.config import TrainConfig
+
+    tc = TrainConfig()
+    p = tsub.add_parser(method, help=f"train {what} on a data file")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=None, help=f"artifact path (default artifacts/{method}/<model>.safetensors)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=tc.eval_every)
     p.add_argument("--seed", type=int, default=tc.seed)
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
     p.add_argument("--num-threads", type=int, default=None)
-
-    b = tsub.add_parser("bpd", help="train Blockwise Parallel Decoding heads on a data file")
-    b.add_argument("--model", default=DEFAULT_MODEL)
-    b.add_argument("--data", required=True)
-    b.add_argument("--out", default=None, help="artifact path (default artifacts/bpd/<model>.safetensors)")
-    b.add_argument("--num-heads", type=int, default=2, help="K, the tokens the heads guess past the next one")
-    b.add_argument("--epochs", type=int, default=5, help="passes over the training records (one per step)")
-    b.add_argument("--lr", type=float, default=3e-3)
-    b.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
-    b.add_argument("--eval-fraction", type=float, default=0.1)
-    b.add_argument("--eval-every", type=int, default=tc.eval_every)
-    b.add_argument("--seed", type=int, default=tc.seed)
-    b.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
-    b.add_argument("--num-threads", type=int, default=None)
-
-    r = tsub.add_parser("recycle", help="train RecycleGPT's recyclable module on a data file")
-    r.add_argument("--model", default=DEFAULT_MODEL)
-    r.add_argument("--data", required=True)
-    r.add_argument("--out", default=None, help="artifact path (default artifacts/recycle/<model>.safetensors)")
-    r.add_argument("--depth", type=int, default=2, help="module rounds trained unrolled (drafts per step)")
-    r.add_argument("--vocab-size", type=int, default=16384, help="tokens in the draft vocabulary")
-    r.add_argument("--ffn-size", type=int, default=1536, help="the module's inner width")
-    r.add_argument("--epochs", type=int, default=10, help="passes over the training records (one per step)")
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--warmup-steps", type=int, default=tc.warmup_steps)
-    r.add_argument("--eval-fraction", type=float, default=0.1)
-    r.add_argument("--eval-every", type=int, default=tc.eval_every)
-    r.add_argument("--seed", type=int, default=tc.seed)
-    r.add_argument("--checkpoint", default=None, help="resumable checkpoint file")
-    r.add_argument("--num-threads", type=int, default=None)
+    return p
 
 
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -123,40 +112,44 @@ def _data(args, command: str) -> int:
 
 
 def _pass(args, command: str) -> int:
-    from engine.train.artifact import default_artifact_path
-    from engine.train.config import TrainConfig
     from engine.train.pass_ import train_pass
 
-    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                         seed=args.seed)
-    out = Path(args.out) if args.out else default_artifact_path("pass", args.model)
-    header = train_pass(args.model, args.data, out, args.num_lookahead, config, args.roots_per_example,
-                        args.eval_fraction, args.checkpoint, command)
-    print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
-    return 0
+    out = _artifact_path(args)
+    header = train_pass(args.model, args.data, out, args.num_lookahead, _train_config(args, steps=args.steps),
+                        args.roots_per_example, args.eval_fraction, args.checkpoint, command)
+    return _report(out, header)
 
 
 def _bpd(args, command: str) -> int:
-    from engine.train.artifact import default_artifact_path
     from engine.train.bpd import train_bpd
-    from engine.train.config import TrainConfig
 
-    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed)
-    out = Path(args.out) if args.out else default_artifact_path("bpd", args.model)
-    header = train_bpd(args.model, args.data, out, args.num_heads, args.epochs, config, args.eval_fraction,
-                       args.checkpoint, command)
-    print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
-    return 0
+    out = _artifact_path(args)
+    header = train_bpd(args.model, args.data, out, args.num_heads, args.epochs, _train_config(args),
+                       args.eval_fraction, args.checkpoint, command)
+    return _report(out, header)
 
 
 def _recycle(args, command: str) -> int:
-    from engine.train.artifact import default_artifact_path
-    from engine.train.config import TrainConfig
     from engine.train.recycle import train_recycle
 
-    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed)
-    out = Path(args.out) if args.out else default_artifact_path("recycle", args.model)
+    out = _artifact_path(args)
     header = train_recycle(args.model, args.data, out, args.depth, args.vocab_size, args.ffn_size, args.epochs,
-                           config, args.eval_fraction, args.checkpoint, command)
+                           _train_config(args), args.eval_fraction, args.checkpoint, command)
+    return _report(out, header)
+
+
+def _artifact_path(args) -> Path:
+    from engine.train.artifact import default_artifact_path
+
+    return Path(args.out) if args.out else default_artifact_path(args.train_command, args.model)
+
+
+def _train_config(args, **extra):
+    from engine.train.config import TrainConfig
+
+    return TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed, **extra)
+
+
+def _report(out: Path, header: dict) -> int:
     print(f"wrote {out}: held-out eval untrained {header['eval']['untrained']}, trained {header['eval']['trained']}")
     return 0

@@ -165,3 +165,14 @@ def random_recycle_artifact(model_dir: Path, out: Path, vocab: list[int], hidden
     tensors = {name: torch.randn(*shape, generator=g) / shape[-1] ** 0.5 for name, shape in shapes.items()}
     return save_artifact(out, {**tensors, "vocab": torch.tensor(vocab)}, method="recycle", base_model="tiny",
                          base_model_hash=weight_fingerprint(model_dir), depth=2, vocab_size=len(vocab))
+
+
+def check_trained_artifact(header: dict, out: Path, method: str, model_dir: Path, **expected) -> None:
+    """A training job's artifact names its method, command ("test") and base model, carries the held-out
+    evaluation before and after training, and `expected` header fields."""
+    from engine.train.artifact import read_header, weight_fingerprint
+
+    assert header["method"] == method and header["command"] == "test", header
+    assert all(header[key] == value for key, value in expected.items()), (header, expected)
+    assert header["eval"]["untrained"]["step"] == 0 and header["eval"]["trained"]["step"] > 0
+    assert read_header(out)["base_model_hash"] == weight_fingerprint(model_dir)

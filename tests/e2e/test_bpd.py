@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import CacheConfig, EngineConfig
-from engine.train.artifact import read_header, weight_fingerprint
 from engine.train.config import TrainConfig
+from tests.e2e.conftest import check_trained_artifact
 
 
 def _fit(model_dir, data, seed=0, epochs=4):
@@ -47,9 +47,7 @@ def test_train_bpd_writes_an_artifact_the_engine_serves(calm_model_dir, tiny_dat
     out = tmp_path / "heads.safetensors"
     header = train_bpd(str(calm_model_dir), tiny_data, out, num_heads=2, epochs=1,
                        config=TrainConfig(lr=3e-3, warmup_steps=2), command="test", progress=False)
-    assert header["method"] == "bpd" and header["num_heads"] == 2 and header["command"] == "test"
-    assert header["eval"]["untrained"]["step"] == 0 and header["eval"]["trained"]["step"] > 0
-    assert read_header(out)["base_model_hash"] == weight_fingerprint(calm_model_dir)
+    check_trained_artifact(header, out, "bpd", calm_model_dir, num_heads=2)
     engine = LLMEngine(EngineConfig(model=str(calm_model_dir), spec="bpd", bpd_artifact=str(out),
                                     cache=CacheConfig(num_tokens=2048)))
     assert engine.spec.num_heads == 2

@@ -13,9 +13,8 @@ import httpx
 import torch
 
 from engine.config import CacheConfig, EngineConfig
-from engine.train.artifact import read_header, weight_fingerprint
 from engine.train.config import TrainConfig
-from tests.e2e.conftest import random_recycle_artifact
+from tests.e2e.conftest import check_trained_artifact, random_recycle_artifact
 
 
 def _fit(model_dir, data, seed=0, epochs=3):
@@ -54,9 +53,7 @@ def test_train_recycle_writes_an_artifact_the_engine_serves(calm_model_dir, tiny
     out = tmp_path / "module.safetensors"
     header = train_recycle(str(calm_model_dir), tiny_data, out, depth=2, vocab_size=300, ffn_size=32, epochs=1,
                            config=TrainConfig(lr=3e-3, warmup_steps=2), command="test", progress=False)
-    assert header["method"] == "recycle" and header["vocab_size"] == 300 and header["command"] == "test"
-    assert header["eval"]["untrained"]["step"] == 0 and header["eval"]["trained"]["step"] > 0
-    assert read_header(out)["base_model_hash"] == weight_fingerprint(calm_model_dir)
+    check_trained_artifact(header, out, "recycle", calm_model_dir, vocab_size=300, depth=2)
     engine = LLMEngine(EngineConfig(model=str(calm_model_dir), spec="recycle", recycle_artifact=str(out),
                                     cache=CacheConfig(num_tokens=2048)))
     assert len(engine.spec.proposers["recycle"].module.vocab) == 300
