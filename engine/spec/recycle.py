@@ -185,7 +185,8 @@ class RecycleProposer:
         """hidden # [H]: the final-normed hidden state of the row that emitted the step's last token.
         Called before the step's tokens are appended to request.token_ids."""
         state = _state(request)
-        state.hidden, state.anchor = hidden, request.num_tokens + len(result.token_ids)
+        # A copy: the row must outlive its step's output (a request not scheduled next step drafts later).
+        state.hidden, state.anchor = hidden.clone(), request.num_tokens + len(result.token_ids)
 
 
 def load_recycle_proposer(config, model_dir: Path) -> RecycleProposer | None:
@@ -198,4 +199,6 @@ def load_recycle_proposer(config, model_dir: Path) -> RecycleProposer | None:
         return None
     tensors = artifact.tensors
     module = RecycleModule(*(tensors[name].float() for name in RecycleModule.TENSORS), tensors["vocab"].long())
-    return RecycleProposer(module, config.num_draft_tokens, config.recycle_lossy)
+    # Rounds past the ones it was trained unrolled for would feed it outputs it never learned from.
+    max_depth = min(config.num_draft_tokens, int(artifact.header.get("depth", config.num_draft_tokens)))
+    return RecycleProposer(module, max_depth, config.recycle_lossy)

@@ -56,7 +56,8 @@ def test_train_recycle_writes_an_artifact_the_engine_serves(calm_model_dir, tiny
     check_trained_artifact(header, out, "recycle", calm_model_dir, vocab_size=300, depth=2)
     engine = LLMEngine(EngineConfig(model=str(calm_model_dir), spec="recycle", recycle_artifact=str(out),
                                     cache=CacheConfig(num_tokens=2048)))
-    assert len(engine.spec.proposers["recycle"].module.vocab) == 300
+    proposer = engine.spec.proposers["recycle"]
+    assert len(proposer.module.vocab) == 300 and proposer.max_depth == 2  # the rounds it was trained for
 
 
 def test_lossy_recycle_keeps_every_draft_and_stops_at_max_tokens(start_server, tiny_model_dir, tmp_path):
