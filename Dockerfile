@@ -25,7 +25,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SPECD_CACHE=/opt/specd/cache
 
-# make, a C compiler (specd builds its CPU kernels, kernels/cbuild.py, for the CPU it runs on), and
+# make, a C compiler (specd builds its CPU kernels, specd_kernels/cbuild.py, for the CPU it runs on), and
 # python3 + venv where the base has none (the CUDA images); then the unprivileged user.
 RUN set -eux; \
     apt-get update; \

@@ -95,8 +95,8 @@ def attention_inputs(batch, ctx, q_len, heads, kv_heads, head_dim, device, dtype
 def attention_case(batch, ctx, q_len, heads, kv_heads, head_dim, device, dtype, copy_bw) -> dict:
     import torch
     import torch.nn.functional as F
-    from kernels import attention
-    from kernels.attention import triton as attention_triton
+    from specd_kernels import attention
+    from specd_kernels.attention import triton as attention_triton
 
     x = attention_inputs(batch, ctx, q_len, heads, kv_heads, head_dim, device, dtype)
     scale = head_dim ** -0.5
@@ -276,7 +276,7 @@ def main() -> int:
               "Run it on a machine with an NVIDIA GPU, or add --smoke to exercise its code paths on tiny shapes "
               "in Triton's CPU interpreter (timings meaningless).")
         return 0
-    from kernels import backend
+    from specd_kernels import backend
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu":
         backend.set_backend("triton")  # interpreted: the same launchers and kernels as on a GPU

@@ -6,7 +6,7 @@ tokens; each op is wrapped with a timer where the engine calls it, so the times 
 served step (cold caches, the step's own threads), plus ~1 us of wrapper per call. Ops:
 
 - scheduler (Scheduler.schedule), inputs (ModelRunner.prepare_inputs: the flat batch, slots, plan),
-- int8 layers' matmuls (fbgemm), their C gaps (kernels/decoder: row scaling, RMSNorm, RoPE + K/V
+- int8 layers' matmuls (fbgemm), their C gaps (specd_kernels/decoder: row scaling, RMSNorm, RoPE + K/V
   store, attention, skip connections), SwiGLU; on the layer-by-op path (prompt rows): linears,
   RMSNorm, RoPE + store, attention,
 - logits (lm_head + exact rescoring), verify (greedy acceptance = sampling), output (tokens appended,

@@ -27,9 +27,9 @@ from engine.models.int8 import SPLIT_SHARES
 from engine.models.llama import ACTIVATION_DTYPES, TORCH_DTYPES, AttentionMetadata, LlamaModel
 from engine.spec.bpd import DraftHeads
 from engine.types import DraftTree, ModelOutput, ScheduledRequest, SchedulerOutput
-from kernels.attention import plan_attention
-from kernels.kv_cache_ops import copy_slots
-from kernels.rope.cpu import kv_half_supported
+from specd_kernels.attention import plan_attention
+from specd_kernels.kv_cache_ops import copy_slots
+from specd_kernels.rope.cpu import kv_half_supported
 
 
 def kv_cache_dtype(requested: str, dtype: str, device: torch.device) -> torch.dtype:

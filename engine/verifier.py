@@ -42,8 +42,8 @@ import torch
 from engine.sampler import sample_from_probs
 from engine.spec.base import children, validate
 from engine.types import DraftTree, VerifyResult
-from kernels import backend as kernel_backend
-from kernels import rejection as kernel_rejection
+from specd_kernels import backend as kernel_backend
+from specd_kernels import rejection as kernel_rejection
 
 # ---------------------------------------------------------------- the sampling primitives
 
@@ -208,7 +208,7 @@ def verify(request_ids: list[str], trees: list[DraftTree | None], cu_rows: list[
 def _verify_batched(request_ids: list[str], trees: list[DraftTree], greedy: list[bool], target_tokens=None,
                    probs: torch.Tensor | None = None,
                    generators: list[torch.Generator | None] | None = None) -> list[VerifyResult]:
-    """`verify` in one kernel launch (kernels/rejection, the GPU path): the same rules, one program
+    """`verify` in one kernel launch (specd_kernels/rejection, the GPU path): the same rules, one program
     per request. Sampled requests draw one Philox seed per step from their own generator, so a seeded
     request stays reproducible and independent of the batch (its stream differs from the CPU path's)."""
     device = (probs if probs is not None else target_tokens).device

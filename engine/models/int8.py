@@ -16,10 +16,10 @@ get 7 bits (reduce_range): only ~64 levels per sign, and the default model's tea
 agreement with fp32 was 77% (perplexity +1.4%). So each row goes in twice: its 7-bit value, and the
 rounding residual scaled up to the full range; the outputs add back (~13-bit activations). Decode is
 bound by reading the weights, so the second row is nearly free there; agreement rose to 96% on the
-same text. The buffer layout and arithmetic are kernels/rowscale (C, with a torch reference).
+same text. The buffer layout and arithmetic are specd_kernels/rowscale (C, with a torch reference).
 
 AMX. Where the CPU has AMX tiles, the same int8 weights are also packed into tiles and multiplied by
-kernels/int8_matmul (C), whose output has fbgemm's bits (checked on every weight at load, else that
+specd_kernels/int8_matmul (C), whose output has fbgemm's bits (checked on every weight at load, else that
 weight stays on fbgemm) and which costs about the same for 1 row as for 16: 30 layers of the default
 model's matmuls, 16 rows (32 buffer rows) 21.4 -> 10.2 ms, 48 rows 43.7 -> 16.0, one row 9.5 -> 9.2
 (2-core Intel dev CPU). Since the bits are fbgemm's, nothing a request sees depends on the host's AMX.
@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import backend, rowscale
-from kernels.int8_matmul import cpu as amx
+from specd_kernels import backend, rowscale
+from specd_kernels.int8_matmul import cpu as amx
 
 REDUCE_RANGE = True
 
@@ -72,7 +72,7 @@ _LINEAR_DYNAMIC = _compiled_linear_dynamic()
 # its channels with the largest rounding error (half of them hold 64-69% of its error energy in the
 # default model's layers 0, 10, 20 and 29) keeps most of the quality for fewer bytes; the share was chosen by
 # benchmarks/int8_quality.py (README). The lm_head stays whole under both: its leading candidates are
-# rescored exactly instead (kernels/rescore), which matched splitting it (98.96 vs 99.00%) without
+# rescored exactly instead (specd_kernels/rescore), which matched splitting it (98.96 vs 99.00%) without
 # reading 28 MB more per step.
 SPLIT_SHARES = {"int8": {"qkv": 1.0, "gate_up": 0.5, "down": 1.0}, "int8-fast": {}}
 
@@ -115,7 +115,7 @@ def quantize_weight(weight: torch.Tensor, split_share: float = 0.0) -> Int8Weigh
 
 @functools.cache
 def amx_library():
-    """kernels/int8_matmul when AMX runs here, else None."""
+    """specd_kernels/int8_matmul when AMX runs here, else None."""
     return amx.load()
 
 
@@ -170,7 +170,7 @@ class RowScaledInt8Linear:
     """Callable `(x, packed, bias, norm=None, residual=None) -> y` with per-row activation scales.
 
     norm=(weight, eps) RMS-normalises x first; residual gets the output added in place and is
-    returned (the layer's skip connection), both fused into the row scaling (kernels/rowscale).
+    returned (the layer's skip connection), both fused into the row scaling (specd_kernels/rowscale).
     Bias is added after rescaling (not packed), since the packed layer sees scaled inputs.
     Owns reusable buffers, so not thread-safe: one instance per model, used by the engine thread only.
     """

@@ -1,6 +1,6 @@
 """The int8 decoder layers of a decoding or verification step on the CPU: each layer's four int8
 matmuls from Python (`int8.matmul`: AMX tiles or fbgemm through TorchScript, the same bits), everything
-between them in one C call per gap (kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V
+between them in one C call per gap (specd_kernels/decoder/cpu.c: norms and per-row scaling, rotary + K/V
 store, attention, skip connections). Where every weight has AMX tiles, each half layer is one C call
 with its matmuls inside (`decoder_attention_tiled`, `decoder_down_tiled`), the SwiGLU between them.
 
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from engine.models import int8
 from engine.models.int8 import Int8Weight, RowScaledInt8Linear
-from kernels import backend
-from kernels.attention.cpu import CpuPlan
-from kernels.decoder import cpu as decoder_cpu
-from kernels.int8_matmul.cpu import PackedInt8
-from kernels.int8_matmul.ref import INV_SCALE
-from kernels.rowscale.ref import FIT, LO_GAIN, LO_WEIGHT, STEP
+from specd_kernels import backend
+from specd_kernels.attention.cpu import CpuPlan
+from specd_kernels.decoder import cpu as decoder_cpu
+from specd_kernels.int8_matmul.cpu import PackedInt8
+from specd_kernels.int8_matmul.ref import INV_SCALE
+from specd_kernels.rowscale.ref import FIT, LO_GAIN, LO_WEIGHT, STEP
 
 
 def _int8_part(weight) -> Int8Weight:

@@ -2,7 +2,7 @@
 `linear(x, weight, bias, norm=(weight, eps) applied to x first, residual that receives the output in place)`.
 
 - fp32: F.linear (MKL), oneDNN with pre-packed weights, or specd's own weight-stationary kernel
-  (kernels/f32_matmul: a row's bits never depend on the other rows), whichever `measure_backends`
+  (specd_kernels/f32_matmul: a row's bits never depend on the other rows), whichever `measure_backends`
   finds fastest on this machine at load time. On a 2-core Intel KVM guest the default model's linears
   took 21.6 / 52.7 ms for 1 / 8 rows with F.linear, 25.2 / 32.4 with oneDNN, 20.3 / 24.8 with
   f32_matmul: its verify steps cost little more than a decode step.
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.int8 import Int8Weight, RowScaledInt8Linear
-from kernels.bf16_rows import cpu as bf16_rows
-from kernels.f32_matmul import cpu as f32_matmul
+from specd_kernels.bf16_rows import cpu as bf16_rows
+from specd_kernels.f32_matmul import cpu as f32_matmul
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def onednn_linear_two_rows(x, weight, bias):
 
 
 class PanelLinear:
-    """fp32 linear through kernels/f32_matmul (weights packed by f32_matmul.pack), RMSNorm and the
+    """fp32 linear through specd_kernels/f32_matmul (weights packed by f32_matmul.pack), RMSNorm and the
     residual add in the same C call: torch's rms_norm alone took ~40 us a call, 61 calls a step
     (~2.4 ms of a ~30 ms batch-1 step, 2-core Intel guest)."""
 
@@ -97,7 +97,7 @@ def onednn_bf16_blocks(x, weight, bias, norm=None, residual=None):
     """fp32 rows -> bf16 (AMX) linear over weight packed by pack_onednn_bf16 -> fp32 rows, in calls of
     64 to 192 rows (bf16_call_rows; zero rows pad a short prompt chunk up to 64), so a row's bits never
     depend on how many rows came with it. norm=(weight, eps): RMSNorm straight into the bf16 rows
-    (kernels/bf16_rows); residual (without bias): each call's bf16 output added into it, cast in the
+    (specd_kernels/bf16_rows); residual (without bias): each call's bf16 output added into it, cast in the
     add, so no fp32 copy of the output is made (the same bits as adding that copy). Written call by
     call: no concatenation, and no fresh zeroed buffer (each extra allocation and small parallel op
     cost tens of microseconds in a serving step)."""
@@ -123,7 +123,7 @@ def onednn_bf16_blocks(x, weight, bias, norm=None, residual=None):
 
 def onednn_bf16_mlp(x, gate_up, down, norm, residual):
     """residual += down(SwiGLU(gate_up(RMSNorm(x)))) for prompt rows, in bf16 calls of 64-192 rows, each
-    call's gate/up output going through SwiGLU (kernels/bf16_rows) into down's input without an fp32
+    call's gate/up output going through SwiGLU (specd_kernels/bf16_rows) into down's input without an fp32
     copy (with RMSNorm into bf16: a 256-token prompt step ~89 ms against ~100, 2-core Intel guest)."""
     rows, calls = x.shape[0], bf16_call_rows(x.shape[0])
     padded = _bf16_rows(x, calls[0], norm)
@@ -185,7 +185,7 @@ def fp32_backend(name: str):
         return pack_onednn, FusedLinear(onednn_linear)
     lib = f32_matmul.load()
     if lib is None:
-        raise RuntimeError("kernels/f32_matmul needs a C compiler and a CPU with AVX2 + FMA")
+        raise RuntimeError("specd_kernels/f32_matmul needs a C compiler and a CPU with AVX2 + FMA")
     return f32_matmul.pack, FusedLinear(PanelLinear(lib), fuses=True)
 
 

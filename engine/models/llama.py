@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a flat ragged batch of many requests.
 
 One forward takes the new tokens of every scheduled request back to back (no padding, EMS-SD),
-stores their K/V into the paged cache and attends through kernels.attention. Weights come straight
+stores their K/V into the paged cache and attends through specd_kernels.attention. Weights come straight
 from the HF directory's safetensors with q/k/v and gate/up fused, so a layer runs three matmuls
 plus o_proj instead of seven.
 
@@ -26,15 +26,15 @@ from engine.models.int8 import SPLIT_SHARES, RowScaledInt8Linear, quantize_weigh
 from engine.models.int8_layers import Int8Layers
 from engine.models.linear import (HybridWeight, PromptRowsDense, choose_prompt_linear, fp32_backend,
                                   measure_backends, swiglu_block)
-from kernels.attention import AttentionPlan, paged_attention
-from kernels.rescore import rescore_top_k
-from kernels.rope import rotate_and_store
+from specd_kernels.attention import AttentionPlan, paged_attention
+from specd_kernels.rescore import rescore_top_k
+from specd_kernels.rope import rotate_and_store
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATION_DTYPES = {**TORCH_DTYPES, **dict.fromkeys(SPLIT_SHARES, torch.float32)}  # int8: fp32 activations, KV
-# An int8 lm_head's leading candidates per row get exact fp32 logits (kernels/rescore): 10 matched a
+# An int8 lm_head's leading candidates per row get exact fp32 logits (specd_kernels/rescore): 10 matched a
 # split lm_head's top-1 agreement with fp32 on 24 dev prompts.
 RESCORE_TOP_K = 10
 
@@ -47,7 +47,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [batch + 1] int32
     kv_lens: torch.Tensor  # [batch] int32, after this step's K/V are stored
     block_tables: torch.Tensor  # [batch, max_blocks_per_seq] int32
-    tree_mask: torch.Tensor | None = None  # [sum of tree block sizes] bool (see kernels/attention/ref.py)
+    tree_mask: torch.Tensor | None = None  # [sum of tree block sizes] bool (see specd_kernels/attention/ref.py)
     cu_tree_mask: torch.Tensor | None = None  # [batch + 1]
     plan: AttentionPlan | None = None
     prompt_rows: torch.Tensor | None = None  # [num_tokens] bool: the row's token is a prompt token (None: none)
@@ -91,7 +91,7 @@ def _rope_tables(config: ModelConfig, device, dtype) -> tuple[torch.Tensor, torc
     freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     sin = emb.sin()
-    sin[:, : dim // 2].neg_()  # sign-folded for kernels/rope (see apply_rope there)
+    sin[:, : dim // 2].neg_()  # sign-folded for specd_kernels/rope (see apply_rope there)
     return emb.cos().to(device, dtype), sin.to(device, dtype)
 
 

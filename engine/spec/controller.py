@@ -64,7 +64,7 @@ class StepCostModel:
     """Seconds per step: a piecewise-linear curve by number of token rows (calibrated at a context of
     one token: the linears, norms, sampling) plus attention: seconds_per_key_row x the step's (row,
     context key) pairs and seconds_per_key_load x the context keys its requests read (each request's
-    keys leave memory once for all of its rows: kernels/attention/cpu.c).
+    keys leave memory once for all of its rows: specd_kernels/attention/cpu.c).
 
     Without the row term a draft row looked as cheap at 600 keys of context as at one, and online
     observations of verify steps inflated the whole curve instead: at 16 clients (fp32) the controller

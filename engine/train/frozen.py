@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.models.llama import LlamaModel
-from kernels.rope import apply_rope
+from specd_kernels.rope import apply_rope
 
 
 @dataclass

@@ -89,10 +89,10 @@ def reference(engine, prompts) -> list[dict]:
 
 
 def row_exact(engine) -> bool:
-    """Steps are row-exact when the C kernels built (kernels/cbuild.py; no C compiler: the torch
-    references run, and the near-tie rule applies): int8's, or fp32's through kernels/f32_matmul."""
-    from kernels.attention import cpu
-    from kernels.rowscale import uses_c
+    """Steps are row-exact when the C kernels built (specd_kernels/cbuild.py; no C compiler: the torch
+    references run, and the near-tie rule applies): int8's, or fp32's through specd_kernels/f32_matmul."""
+    from specd_kernels.attention import cpu
+    from specd_kernels.rowscale import uses_c
 
     if cpu.load() is None:
         return False
@@ -103,8 +103,8 @@ def row_exact(engine) -> bool:
 
 def assert_lossless(ref: dict, got: list[int], label: str, exact: bool = False) -> None:
     """Token-identical, except (unless exact) after a near tie: torch's fp32 matmuls round differently by
-    row count. int8 is exact: its matmuls accumulate in int32 per row; so is fp32 through kernels/
-    f32_matmul (one multiply-add chain per output); and the attention (kernels/attention/cpu.c) gives
+    row count. int8 is exact: its matmuls accumulate in int32 per row; so is fp32 through specd_kernels/
+    f32_matmul (one multiply-add chain per output); and the attention (specd_kernels/attention/cpu.c) gives
     every row the same bits whatever the step's shape."""
     n = min(len(ref["tokens"]), len(got))
     for i in range(n):

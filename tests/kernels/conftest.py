@@ -1,7 +1,7 @@
 """Kernel tests run natively on a GPU when there is one, else in Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before the first kernel module is imported (Triton reads it when a
-kernel is decorated); the kernel modules are imported lazily by kernels/backend.py, so setting it
+kernel is decorated); the kernel modules are imported lazily by specd_kernels/backend.py, so setting it
 here, at collection, is early enough.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import backend  # noqa: E402
+from specd_kernels import backend  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

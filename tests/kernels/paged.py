@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention.ref import _slot_ids
+from specd_kernels.attention.ref import _slot_ids
 
 
 def random_tree_mask(num_nodes: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""kernels/attention/cpu.py (cpu.c) against the torch reference, and the property it exists for: a
+"""specd_kernels/attention/cpu.py (cpu.c) against the torch reference, and the property it exists for: a
 row's bits depend only on the keys it sees."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from kernels import attention, backend, cbuild
-from kernels.attention import cpu, ref
+from specd_kernels import attention, backend, cbuild
+from specd_kernels.attention import cpu, ref
 from tests.kernels.paged import make_batch, random_hidden_keys, without_hidden_keys
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")

@@ -1,4 +1,4 @@
-"""kernels/attention/ref.py and kernels/kv_cache_ops/ref.py against naive dense per-request math."""
+"""specd_kernels/attention/ref.py and specd_kernels/kv_cache_ops/ref.py against naive dense per-request math."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kernels.attention.ref import MAX_BATCHED_Q_LEN, paged_attention, plan_attention
-from kernels.kv_cache_ops import copy_slots, store_kv
+from specd_kernels.attention.ref import MAX_BATCHED_Q_LEN, paged_attention, plan_attention
+from specd_kernels.kv_cache_ops import copy_slots, store_kv
 
 
 def _random_tree(num_nodes: int, gen: torch.Generator) -> torch.Tensor:

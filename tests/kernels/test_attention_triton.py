@@ -1,4 +1,4 @@
-"""kernels/attention/triton.py against the torch reference (itself checked against dense math in
+"""specd_kernels/attention/triton.py against the torch reference (itself checked against dense math in
 test_attention_ref.py): ragged batches mixing 0, 1 and many new tokens, block-boundary lengths,
 GQA ratios, trees up to 128 new tokens, split-KV, every dtype; outputs are NaN-poisoned first."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import attention  # noqa: E402
-from kernels.attention import ref  # noqa: E402
+from specd_kernels import attention  # noqa: E402
+from specd_kernels.attention import ref  # noqa: E402
 from tests.kernels.paged import make_batch  # noqa: E402
 
 TOLERANCE = {  # vs an fp32 reference on the same (rounded) inputs; low precision rounds p and the output
@@ -24,7 +24,7 @@ def check(batch, num_splits=None):
     out = torch.full_like(batch.q, float("nan"))
     plan = None
     if num_splits is not None:
-        from kernels.attention import triton as triton_attention
+        from specd_kernels.attention import triton as triton_attention
         plan = triton_attention.plan_attention(batch.cu_seqlens_q, batch.kv_lens, batch.block_tables,
                                                batch.k_cache.shape[1], batch.q.shape[1] // batch.k_cache.shape[2],
                                                batch.tree_mask, batch.cu_tree_mask, num_splits=num_splits)

@@ -1,4 +1,4 @@
-"""kernels/bf16_rows: RMSNorm and SwiGLU into bf16 rows, against the reference (ref.py) and row by row."""
+"""specd_kernels/bf16_rows: RMSNorm and SwiGLU into bf16 rows, against the reference (ref.py) and row by row."""
 from __future__ import annotations
 
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from kernels import cbuild
-from kernels.bf16_rows import cpu, ref
+from specd_kernels import cbuild
+from specd_kernels.bf16_rows import cpu, ref
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 

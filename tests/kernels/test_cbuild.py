@@ -1,10 +1,10 @@
-"""kernels/cbuild.py: a library is named by its source and what that source includes, so editing an
-included kernel (kernels/decoder/cpu.c includes the rowscale, rope and attention sources) rebuilds it."""
+"""specd_kernels/cbuild.py: a library is named by its source and what that source includes, so editing an
+included kernel (specd_kernels/decoder/cpu.c includes the rowscale, rope and attention sources) rebuilds it."""
 import shutil
 
 import pytest
 
-from kernels import cbuild
+from specd_kernels import cbuild
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 

@@ -14,7 +14,7 @@ from engine.speculation import accepted_path_moves  # noqa: E402
 from engine.types import (DraftTree, Request, SamplingParams, ScheduledRequest, SchedulerOutput,  # noqa: E402
                           VerifyResult)
 from engine.verifier import verify  # noqa: E402
-from kernels import backend  # noqa: E402
+from specd_kernels import backend  # noqa: E402
 
 BLOCK_SIZE = 4
 
@@ -70,8 +70,8 @@ def test_model_step_and_compaction_through_triton(tiny_model_dir, monkeypatch, d
 
 def _spy_on_kernels(monkeypatch) -> dict[str, int]:
     """Count calls of the Triton launchers (the dispatch looks them up at call time)."""
-    from kernels.attention import triton as attention_triton
-    from kernels.kv_cache_ops import triton as kv_triton
+    from specd_kernels.attention import triton as attention_triton
+    from specd_kernels.kv_cache_ops import triton as kv_triton
 
     calls: dict[str, int] = {}
     for module, name in ((attention_triton, "paged_attention"), (kv_triton, "store_kv"), (kv_triton, "copy_slots")):
@@ -83,7 +83,7 @@ def _spy_on_kernels(monkeypatch) -> dict[str, int]:
 
 
 def test_verify_dispatches_to_the_kernel(monkeypatch, device):
-    """`verify` on tensors the kernel backend takes runs kernels/rejection, with the same results:
+    """`verify` on tensors the kernel backend takes runs specd_kernels/rejection, with the same results:
     greedy requests exactly, sampled ones too where one-hot targets make sampling deterministic."""
     import engine.verifier as verifier
 

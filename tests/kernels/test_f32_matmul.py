@@ -1,4 +1,4 @@
-"""kernels/f32_matmul: the fp32 weight-stationary matmul (cpu.c) against torch (ref.py), and a row's
+"""specd_kernels/f32_matmul: the fp32 weight-stationary matmul (cpu.c) against torch (ref.py), and a row's
 bits alone and among any other rows, on the AVX-512 and the AVX2 path alike."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.models import linear
-from kernels import cbuild
-from kernels.f32_matmul import cpu, ref
+from specd_kernels import cbuild
+from specd_kernels.f32_matmul import cpu, ref
 
 LIB = cpu.load()
 needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler, or no AVX2 + FMA on this CPU")

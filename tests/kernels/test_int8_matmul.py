@@ -1,4 +1,4 @@
-"""kernels/int8_matmul: fbgemm's bits, written out (ref.py) and on AMX tiles (cpu.c), row by row."""
+"""specd_kernels/int8_matmul: fbgemm's bits, written out (ref.py) and on AMX tiles (cpu.c), row by row."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from engine.models import int8
 from engine.models.int8 import _LINEAR_DYNAMIC, REDUCE_RANGE, RowScaledInt8Linear, quantize_weight
-from kernels import backend, rowscale
-from kernels.int8_matmul import cpu, ref
+from specd_kernels import backend, rowscale
+from specd_kernels.int8_matmul import cpu, ref
 
 AMX = int8.amx_library()
 needs_amx = pytest.mark.skipif(AMX is None, reason="no AMX on this CPU (or no compiler): fbgemm runs")

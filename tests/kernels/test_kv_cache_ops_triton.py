@@ -1,4 +1,4 @@
-"""kernels/kv_cache_ops/triton.py against the reference: stores by slot mapping (with dtype casts
+"""specd_kernels/kv_cache_ops/triton.py against the reference: stores by slot mapping (with dtype casts
 and strided inputs) and accepted-path compaction whose sources overlap their destinations."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import backend, kv_cache_ops  # noqa: E402
-from kernels.kv_cache_ops import ref  # noqa: E402
+from specd_kernels import backend, kv_cache_ops  # noqa: E402
+from specd_kernels.kv_cache_ops import ref  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

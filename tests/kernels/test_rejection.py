@@ -1,4 +1,4 @@
-"""kernels/rejection: the Triton kernel against the reference (engine/verifier.py's rules).
+"""specd_kernels/rejection: the Triton kernel against the reference (engine/verifier.py's rules).
 
 Greedy must agree exactly (ragged batches of chains and trees, 0 to 127 nodes, tie-breaking).
 Stochastic draws use other random streams (Philox per request seed), so they are checked
@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 from engine.spec.base import children  # noqa: E402
 from engine.types import DraftTree  # noqa: E402
 from engine.verifier import residual, verify  # noqa: E402
-from kernels import rejection  # noqa: E402
-from kernels.rejection import ref  # noqa: E402
+from specd_kernels import rejection  # noqa: E402
+from specd_kernels.rejection import ref  # noqa: E402
 from tests.unit.test_verifier import chi2_critical, chi2_statistic  # noqa: E402
 
 

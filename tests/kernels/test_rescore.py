@@ -1,4 +1,4 @@
-"""kernels/rescore: the C kernel against the torch reference, and a row's result alone vs in a batch."""
+"""specd_kernels/rescore: the C kernel against the torch reference, and a row's result alone vs in a batch."""
 from __future__ import annotations
 
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from kernels import backend, cbuild, rescore
-from kernels.rescore import cpu, ref
+from specd_kernels import backend, cbuild, rescore
+from specd_kernels.rescore import cpu, ref
 
 needs_cc = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 VOCAB, WIDTH = 1000, 96

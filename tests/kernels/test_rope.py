@@ -1,4 +1,4 @@
-"""kernels/rope: the C rotate-and-store against the torch reference (ref.py), bit for bit."""
+"""specd_kernels/rope: the C rotate-and-store against the torch reference (ref.py), bit for bit."""
 from __future__ import annotations
 
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from kernels import backend, cbuild, rope
-from kernels.rope import cpu, ref
+from specd_kernels import backend, cbuild, rope
+from specd_kernels.rope import cpu, ref
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 

@@ -1,4 +1,4 @@
-"""kernels/rowscale: the C kernels against the torch reference (ref.py), and their batch invariance."""
+"""specd_kernels/rowscale: the C kernels against the torch reference (ref.py), and their batch invariance."""
 from __future__ import annotations
 
 import shutil
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.models.int8 import _LINEAR_DYNAMIC, REDUCE_RANGE, quantize_weight
-from kernels import backend, cbuild, rowscale
-from kernels.rowscale import ref
+from specd_kernels import backend, cbuild, rowscale
+from specd_kernels.rowscale import ref
 
 pytestmark = pytest.mark.skipif(shutil.which(cbuild.compiler()) is None, reason="no C compiler")
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.int8 import RowScaledInt8Linear, dequantize_weight, quantize_weight
-from kernels import backend
+from specd_kernels import backend
 
 
 @pytest.fixture(autouse=True, params=["auto", "ref"])

@@ -8,7 +8,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.int8_layers import Int8Layers
 from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, SchedulerOutput
-from kernels import backend
+from specd_kernels import backend
 
 
 @pytest.fixture(scope="module", params=[("int8", "auto"), ("int8-fast", "auto"), ("int8", "fp32")],
@@ -86,7 +86,7 @@ def test_matmuls_on_amx_tiles_give_the_bits_of_fbgemm(runner, monkeypatch):
 
 def test_steps_with_fp32_prompt_rows_or_a_forced_backend_take_the_layer_by_op_path(runner):
     from engine.models.llama import AttentionMetadata
-    from kernels.attention.cpu import CpuPlan
+    from specd_kernels.attention.cpu import CpuPlan
 
     plan = CpuPlan(*[torch.zeros(1, dtype=torch.int32)] * 4, None, None)
     meta = AttentionMetadata(*[torch.zeros(1)] * 4, plan=plan)

@@ -11,7 +11,7 @@ import torch
 from engine.config import CacheConfig, ModelConfig
 from engine.model_runner import ModelRunner, request_layout
 from engine.types import DraftTree, Request, SamplingParams, ScheduledRequest, SchedulerOutput
-from kernels.f32_matmul import cpu as f32_matmul
+from specd_kernels.f32_matmul import cpu as f32_matmul
 from tests.conftest import make_tiny_model
 
 BLOCK_SIZE = 4
@@ -33,7 +33,7 @@ class _Blocks:
 @pytest.fixture(scope="module", params=["dense", "onednn", "f32_matmul"])
 def runner(request, tiny_model_dir) -> ModelRunner:
     if request.param == "f32_matmul" and f32_matmul.load() is None:
-        pytest.skip("kernels/f32_matmul needs a C compiler and AVX2 + FMA")
+        pytest.skip("specd_kernels/f32_matmul needs a C compiler and AVX2 + FMA")
     cfg = ModelConfig.from_hf_dir(tiny_model_dir)
     return ModelRunner(cfg, tiny_model_dir, CacheConfig(BLOCK_SIZE, 4096), linear_backend=request.param)
 
@@ -184,9 +184,9 @@ def test_runner_exposes_device_dtype_config(runner, tiny_model_dir):
 
 
 def test_fp32_steps_plan_the_c_attention_kernel(runner, blocks):
-    """fp32 models attend through kernels/attention/cpu.c (faster than SDPA here, and row-exact)
+    """fp32 models attend through specd_kernels/attention/cpu.c (faster than SDPA here, and row-exact)
     whenever it builds; the tests above hold its outputs to HF and to sequential decoding."""
-    from kernels.attention import cpu
+    from specd_kernels.attention import cpu
 
     req = blocks.request("p", _prompt(9, 5))
     plan = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(req, 9)])).attn_metadata.plan
@@ -197,7 +197,7 @@ def test_kv_cache_dtype_follows_the_flag_and_the_dtype():
     """auto: fp16 K/V for the int8 dtypes where the C kernels convert it, the activations' dtype
     otherwise (fp32 stays HF-exact); an explicit dtype other than fp32 activations' is refused."""
     from engine.model_runner import kv_cache_dtype
-    from kernels.rope.cpu import kv_half_supported
+    from specd_kernels.rope.cpu import kv_half_supported
 
     cpu = torch.device("cpu")
     assert kv_cache_dtype("auto", "fp32", cpu) == torch.float32
