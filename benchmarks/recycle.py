@@ -52,6 +52,29 @@ def generate(engine: LLMEngine, prompt: list[int], method: str, max_tokens: int,
     return out
 
 
+def run_abba(configs: dict[str, tuple[LLMEngine, str]], prompts: list[list[int]], max_tokens: int,
+             rounds: int) -> tuple[dict, dict]:
+    """Every prompt alone through each configuration (label -> (engine, method)), the configurations in
+    ABBA order over the rounds (a slow spell of a shared host then falls on all of them). Returns
+    (label -> summed tokens, seconds, drafts, accepted, steps; label -> the last round's outputs)."""
+    totals = {label: {"tokens": 0, "seconds": 0.0, "drafts": 0, "accepted": 0, "steps": 0} for label in configs}
+    outputs: dict[str, list[list[int]]] = {}
+    labels = list(configs)
+    for rnd in range(rounds):
+        for label in labels[:: 1 if rnd % 2 == 0 else -1]:
+            engine, method = configs[label]
+            start = time.perf_counter()
+            outs = [generate(engine, p, method, max_tokens, f"{label}-{rnd}-{i}") for i, p in enumerate(prompts)]
+            t = totals[label]
+            t["seconds"] += time.perf_counter() - start
+            for o in outs:
+                t["tokens"] += len(o["tokens"])
+                for key in ("drafts", "accepted", "steps"):
+                    t[key] += o[key]
+            outputs[label] = [o["tokens"] for o in outs]
+    return totals, outputs
+
+
 def mean_nll(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
     """The model's mean negative log-likelihood of `output` after `prompt`, teacher-forced."""
     logits = teacher_forced_logits(engine, prompt + output, as_prompt=True)[len(prompt) - 1:-1]
@@ -81,23 +104,8 @@ def main() -> None:
     rows_in = load_spec_bench(args.per_category)
     tokenizer = engines["lossless"].tokenizer
     prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows_in]
-    totals = {label: {"tokens": 0, "seconds": 0.0, "drafts": 0, "accepted": 0, "steps": 0} for label in configs}
-    outputs: dict[str, list[list[int]]] = {}
-    for rnd in range(args.rounds):
-        for label in configs[:: 1 if rnd % 2 == 0 else -1]:
-            method, which = CONFIGS[label]
-            outs = []
-            start = time.perf_counter()
-            for i, prompt in enumerate(prompts):
-                outs.append(generate(engines[which], prompt, method, args.max_tokens, f"{label}-{rnd}-{i}"))
-            t = totals[label]
-            t["seconds"] += time.perf_counter() - start
-            for o in outs:
-                t["tokens"] += len(o["tokens"])
-                t["drafts"] += o["drafts"]
-                t["accepted"] += o["accepted"]
-                t["steps"] += o["steps"]
-            outputs[label] = [o["tokens"] for o in outs]
+    totals, outputs = run_abba({label: (engines[CONFIGS[label][1]], CONFIGS[label][0]) for label in configs},
+                               prompts, args.max_tokens, args.rounds)
     base = totals["none"]["tokens"] / totals["none"]["seconds"]
     scorer = engines["lossless"]
     rows = []

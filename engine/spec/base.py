@@ -60,6 +60,7 @@ class PendingDrafts:
 
     drafts: list[int] = field(default_factory=list)
     q: Any = None  # [len(drafts), vocab] draft probabilities, None for greedy (one-hot) drafts
+    parents: list[int] | None = None  # the tree's parent per draft (refined BPD's p best paths); None: a chain
     anchor: int = -1
     """len(request.token_ids) the drafts continue; any other length means they are stale."""
 
@@ -78,7 +79,9 @@ def propose_pending(requests: list[Request], max_drafts: dict[str, int], key: st
         state = pending(request, key)
         k = min(max_drafts.get(request.request_id, 0), len(state.drafts))
         if state.anchor == request.num_tokens and k > 0:
-            out[request.request_id] = chain(state.drafts[:k], state.q[:k] if state.q is not None else None)
+            q = state.q[:k] if state.q is not None else None
+            out[request.request_id] = (chain(state.drafts[:k], q) if state.parents is None
+                                       else DraftTree(state.drafts[:k], state.parents[:k], q))
     return out
 
 
@@ -88,7 +91,7 @@ def set_pending(request: Request, key: str, logits: torch.Tensor | None, anchor:
     temperature / top-k / top-p applied to the row, with its generator, so the verifier's min(1, p/q)
     test keeps the output exact. None or no rows clears them."""
     state = pending(request, key)
-    state.drafts, state.q, state.anchor = [], None, -1
+    state.drafts, state.q, state.parents, state.anchor = [], None, None, -1
     if logits is None or logits.shape[0] == 0:
         return
     if request.sampling.greedy:

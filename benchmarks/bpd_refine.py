@@ -1,0 +1,144 @@
+"""BPD draft refinement (engine/spec/refine.py): what rescoring the heads' top-k lattice with an n-gram
+LM does to acceptance, and to speed, side by side in one run.
+
+1. Acceptance, teacher-forced: the default model's greedy outputs of Spec-Bench prompts (generated
+   here with `--spec none`) and the held-out self-distilled records (the heads' and the global LM's
+   training data split as `specd train` splits it). At every output position the heads read the row
+   that emits the next token, each configuration drafts from that row exactly as the served drafter
+   does (the request's own n-gram LM counted through the text before the emitted token, the emitted
+   token as context), and a draft path counts the greedy tokens it gets right in a row (a tree: its
+   best path). Reports accepted drafts per step and draft nodes per step.
+2. Speed, engine only, batch 1 (the --speed-configs), each prompt alone, ABBA over --rounds: output
+   tokens per second against `none`, and whether the outputs equal `none`'s token for token.
+
+    .venv/bin/python benchmarks/bpd_refine.py [--per-category 4] [--max-tokens 128] [--dtype fp32]
+
+Prints the tables and one JSON line; writes benchmarks/results/bpd_refine_cpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import load_spec_bench, print_table, write_results  # noqa: E402
+from benchmarks.recycle import generate, run_abba  # noqa: E402
+from engine.config import DEFAULT_MODEL, CacheConfig, EngineConfig  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.spec.bpd import head_outputs  # noqa: E402
+from engine.spec.refine import ORDER, NgramLM, best_paths, global_lm  # noqa: E402
+from engine.train.artifact import ARTIFACTS_DIR, default_artifact_path, load_artifact  # noqa: E402
+from engine.train.frozen import FrozenLlama  # noqa: E402
+from engine.train.job import load_training_data  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = ARTIFACTS_DIR / "pass" / f"{DEFAULT_MODEL}.data.jsonl"
+# label -> (LM weight, paths, global LM): what the teacher-forced part compares
+ACCEPTANCE_CONFIGS = {
+    "heads (unrefined)": (0.0, 1, False), "own text, w 0.5": (0.5, 1, False), "own text, w 1": (1.0, 1, False),
+    "own text, w 2": (2.0, 1, False), "own + global, w 0.5": (0.5, 1, True), "own + global, w 1": (1.0, 1, True),
+    "own + global, w 2": (2.0, 1, True), "own + global, w 1, 2 paths": (1.0, 2, True),
+}
+TOP_K = 4
+
+
+def lattice_cases(frozen: FrozenLlama, heads: tuple, texts: list[tuple[list[int], int]]) -> list[tuple]:
+    """(text before the emitted token, emitted token, heads' top-k log-probs, tokens, the 2 greedy
+    tokens after the emitted one) per output position whose emitted token is the greedy one."""
+    cases = []
+    for ids, first in texts:  # first: the row that emits the first output token
+        with torch.no_grad():
+            hidden = frozen.prefix(ids).hidden
+            greedy = frozen.logits(hidden).argmax(-1).tolist()
+            top = torch.log_softmax(frozen.logits(head_outputs(hidden, *heads)), -1).topk(TOP_K, -1)
+        for j in range(first, len(ids) - 3):
+            if greedy[j] == ids[j + 1]:
+                cases.append((ids[:j + 1], ids[j + 1], top.values[j], top.indices[j], greedy[j + 1:j + 3]))
+    return cases
+
+
+def acceptance(cases: list[tuple], weight: float, num_paths: int, base: NgramLM | None, vocab: int) -> dict:
+    accepted = nodes = 0
+    lm, lm_text = None, None
+    for before, emitted, logprobs, tokens, labels in cases:
+        if lm_text is None or before[:len(lm_text)] != lm_text:  # a new text: a new request's LM
+            lm = NgramLM(vocab, base=base)
+        lm.extend(before)
+        lm_text = before
+        paths = best_paths(logprobs, tokens, lm, before[-(ORDER - 1):] + [emitted], weight, num_paths)
+        accepted += max(_prefix_match(path, labels) for path in paths)
+        nodes += len({tuple(path[:i + 1]) for path in paths for i in range(len(path))})
+    return {"accepted_per_step": round(accepted / len(cases), 4), "nodes_per_step": round(nodes / len(cases), 3)}
+
+
+def _prefix_match(path: list[int], labels: list[int]) -> int:
+    n = 0
+    while n < min(len(path), len(labels)) and path[n] == labels[n]:
+        n += 1
+    return n
+
+
+def speed(engines: dict, prompts: list[list[int]], max_tokens: int, rounds: int) -> list[dict]:
+    totals, outputs = run_abba(engines, prompts, max_tokens, rounds)
+    base = totals["none"]["tokens"] / totals["none"]["seconds"]
+    return [{"config": label, "tok_s": round(t["tokens"] / t["seconds"], 2),
+             "vs_none": round(t["tokens"] / t["seconds"] / base, 3),
+             "drafts_per_step": round(t["drafts"] / max(1, t["steps"]), 3),
+             "accepted_per_step": round(t["accepted"] / max(1, t["steps"]), 3),
+             "identical_outputs": f"{sum(a == b for a, b in zip(outputs[label], outputs['none']))}/{len(prompts)}"}
+            for label, t in totals.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-category", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-speed", action="store_true", help="the teacher-forced part only")
+    ap.add_argument("--out", default=str(RESULTS / "bpd_refine_cpu.json"))
+    args = ap.parse_args()
+
+    def engine(**kw) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=DEFAULT_MODEL, spec="none", dtype=args.dtype,
+                                      cache=CacheConfig(num_tokens=16384), **kw))
+
+    engines = {"none": (engine(), "none"), "bpd unrefined": (engine(bpd_refine_weight=0.0), "bpd"),
+               "bpd refined": (engine(), "bpd")}
+    plain = engines["none"][0]
+    prompts = [plain.tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}])
+               for r in load_spec_bench(args.per_category)]
+    outputs = [generate(plain, p, "none", args.max_tokens, f"tf-{i}")["tokens"] for i, p in enumerate(prompts)]
+
+    data = load_training_data(DEFAULT_MODEL, DATA, eval_fraction=0.1)
+    frozen = FrozenLlama(data.model_dir)
+    artifact = load_artifact(default_artifact_path("bpd", DEFAULT_MODEL), "bpd", data.model_dir)
+    heads = (artifact.tensors["weight"].float(), artifact.tensors["bias"].float())
+    vocab = frozen.config.vocab_size
+    sets = {"spec_bench": [(p + o, len(p) - 1) for p, o in zip(prompts, outputs)],
+            "held_out_records": [(r.token_ids, len(r.prompt_ids) - 1) for r in data.held_out if r.mode == "greedy"]}
+    global_model = global_lm(vocab, [r.token_ids for r in data.train])  # never the held-out records
+    rows = []
+    for name, texts in sets.items():
+        cases = lattice_cases(frozen, heads, texts)
+        for label, (weight, paths, use_global) in ACCEPTANCE_CONFIGS.items():
+            rows.append({"text": name, "config": label, "positions": len(cases),
+                         **acceptance(cases, weight, paths, global_model if use_global else None, vocab)})
+    print(f"BPD lattice rescoring, teacher-forced, {len(prompts)} Spec-Bench outputs ({args.max_tokens} tokens) "
+          f"and {len(sets['held_out_records'])} held-out greedy records; 2 heads, top-{TOP_K} each")
+    print_table(rows, list(rows[0]))
+    speed_rows = [] if args.no_speed else speed(engines, prompts, args.max_tokens, args.rounds)
+    if speed_rows:
+        print(f"\nbatch 1, engine only, {args.dtype}, {len(prompts)} prompts x {args.rounds} rounds (ABBA), greedy")
+        print_table(speed_rows, list(speed_rows[0]))
+    write_results({"benchmark": "bpd_refine", "dtype": args.dtype, "prompts": len(prompts),
+                   "max_tokens": args.max_tokens, "rounds": args.rounds, "rows": rows, "speed": speed_rows},
+                  Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

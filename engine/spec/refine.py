@@ -1,0 +1,166 @@
+"""BPD draft refinement: the heads' top-k lattice rescored by an n-gram language model.
+
+Kim et al. 2024, "Exploring and Improving Drafts in Blockwise Parallel Decoding": BPD heads guess
+each future position independently, so their argmax chain often repeats or skips a word (head 1
+guesses the token after the one the model is emitting now without knowing which token that is).
+The paper builds a lattice from each head's top-k tokens and rescores its paths with a small LM,
+an n-gram LM (global rescoring, the p best paths) or a neural LM (local); the verifier then checks
+the rescored drafts as before, so the output is unchanged (lossless) and only acceptance moves.
+
+Here the LM is a Witten-Bell interpolated n-gram model of the request's own text (prompt and output,
+counted incrementally, like prompt lookup's index) whose lowest order backs off to a global n-gram
+model of the served model's self-distilled data (engine/train/data.py's records, when given) instead
+of the uniform distribution. A path's score is its heads' log-probabilities plus `weight` x the
+LM's log-probability of each token given the text before it (the emitted token included, which the
+heads never saw). Measured on the default model, 2 heads, top-4 per head (session 23,
+benchmarks/results/bpd_refine_cpu.txt): teacher-forced, the 2-draft chain's accepted drafts per step
+rose from 0.141 to 0.225 on Spec-Bench outputs and from 0.317 to 0.477 on held-out self-distilled
+records (the request's own text alone: 0.212 and 0.420; weight 0.5 / 2 gave less / the same); the
+p = 2 best paths as a tree gave 0.264 for 3.5 nodes instead of 2, so one path is the default. Served
+at batch 1 (fp32, engine only) the draft controller then kept more drafts: 1.08x `none` against the
+unrefined heads' 1.02x, outputs identical.
+
+Greedy requests draft the best path. Sampled requests draw each draft from the head's own sampling
+distribution (temperature, top-k, top-p) reweighted by LM^weight over its top-k tokens, one position
+after another (the next position's LM is conditioned on the drawn token); that reweighted row is the
+draft's q, so the verifier's min(1, p/q) test keeps the output distribution exact.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+ORDER = 3
+"""n-gram order: contexts of up to ORDER - 1 tokens (prompt lookup's index matches up to 3)."""
+
+
+class NgramLM:
+    """Witten-Bell interpolated n-gram LM over token ids (Witten & Bell 1991; Chen & Goodman 1998):
+    p(w | h) = (c(h, w) + T(h) p(w | h')) / (c(h) + T(h)), h' = h without its oldest token, T(h) the
+    number of distinct tokens seen after h; the order-0 context backs off to `base` (another NgramLM)
+    or to the uniform distribution over `vocab_size` tokens. `add` counts text incrementally."""
+
+    def __init__(self, vocab_size: int, order: int = ORDER, base: "NgramLM | None" = None):
+        if order < 1 or vocab_size < 1:
+            raise ValueError("order >= 1 and vocab_size >= 1 are required")
+        self.vocab_size, self.order, self.base = vocab_size, order, base
+        self.counts: dict[tuple[int, ...], dict[int, int]] = {}
+        self.totals: dict[tuple[int, ...], int] = {}
+        self.num_tokens = 0  # of the text `extend` has counted
+
+    def add(self, token_ids: list[int]) -> None:
+        """Count one separate text (a training record)."""
+        for i in range(len(token_ids)):
+            self._count(token_ids, i)
+
+    def extend(self, token_ids: list[int]) -> None:
+        """Count what a growing text gained since the last call (a request's prompt + output)."""
+        for i in range(self.num_tokens, len(token_ids)):
+            self._count(token_ids, i)
+        self.num_tokens = max(self.num_tokens, len(token_ids))
+
+    def _count(self, token_ids: list[int], i: int) -> None:
+        token = token_ids[i]
+        for n in range(min(self.order - 1, i) + 1):
+            context = tuple(token_ids[i - n:i])
+            following = self.counts.setdefault(context, {})
+            following[token] = following.get(token, 0) + 1
+            self.totals[context] = self.totals.get(context, 0) + 1
+
+    def prob(self, context: list[int], token: int) -> float:
+        """p(token | the last order - 1 tokens of context)."""
+        p = self.base.prob(context, token) if self.base is not None else 1.0 / self.vocab_size
+        for n in range(min(self.order - 1, len(context)) + 1):
+            history = tuple(context[len(context) - n:])
+            following = self.counts.get(history)
+            if following is None:  # no longer history ending like this one was seen either
+                break
+            types = len(following)
+            p = (following.get(token, 0) + types * p) / (self.totals[history] + types)
+        return p
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How the lattice is built and rescored."""
+
+    top_k: int = 4
+    """Tokens per head in the lattice."""
+    weight: float = 1.0
+    """The LM's log-probability weight against the heads' (0: the heads' argmax, unrefined)."""
+    num_paths: int = 1
+    """Best paths kept as a tree (the paper's p-best); 1: a chain."""
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.num_paths < 1 or self.weight < 0:
+            raise ValueError("top_k >= 1, num_paths >= 1 and weight >= 0 are required")
+
+
+def best_paths(logprobs: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, context: list[int],
+               weight: float, num_paths: int) -> list[list[int]]:
+    """The num_paths best paths through the lattice, best first. logprobs, token_ids # [K, k]: each
+    head's top-k log-probabilities and tokens. Every path is scored (k^K: 16 for the default 2 heads
+    of 4), so the result is exact, not a beam's."""
+    values, tokens = logprobs.tolist(), token_ids.tolist()
+    lm_logp: dict[tuple[int, ...], float] = {}  # memo: a prefix's last token given the text before it
+
+    def lm_score(prefix: tuple[int, ...]) -> float:
+        score = lm_logp.get(prefix)
+        if score is None:
+            score = lm_logp[prefix] = math.log(lm.prob(context + list(prefix[:-1]), prefix[-1]))
+        return score
+
+    scored = []
+    for choice in itertools.product(range(len(tokens[0])), repeat=len(tokens)):
+        path = tuple(tokens[i][c] for i, c in enumerate(choice))
+        score = sum(values[i][c] for i, c in enumerate(choice))
+        if weight:
+            score += weight * sum(lm_score(path[:i + 1]) for i in range(len(path)))
+        scored.append((-score, path))
+    scored.sort()
+    return [list(path) for _, path in scored[:num_paths]]
+
+
+def sample_path(probs: torch.Tensor, lm: NgramLM, context: list[int], weight: float, top_k: int,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
+    """Draw one draft per head row from its sampling distribution reweighted by LM^weight over its
+    top_k tokens, each conditioned on the draws before it. probs # [K, vocab] (the request's own
+    temperature / top-k / top-p applied). Returns (drafts, q # [K, vocab]: each draft's distribution)."""
+    drafts: list[int] = []
+    q = torch.zeros_like(probs)
+    for i in range(probs.shape[0]):
+        top = probs[i].topk(min(top_k, probs.shape[1]))
+        keep = top.values > 0
+        ids, p = top.indices[keep], top.values[keep].double()
+        lm_p = torch.tensor([lm.prob(context + drafts, int(t)) for t in ids.tolist()], dtype=torch.float64)
+        w = p * lm_p ** weight
+        q[i, ids] = (w / w.sum()).to(q.dtype)
+        drafts.append(int(torch.multinomial(q[i], 1, generator=generator)))
+    return drafts, q
+
+
+def trie(paths: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(token_ids, parents) of the tree whose root-to-leaf paths are `paths`, equal prefixes merged,
+    nodes in path order (the best path's nodes first, so the verifier tries it first)."""
+    token_ids, parents, nodes = [], [], {}
+    for path in paths:
+        parent = -1
+        for token in path:
+            key = (parent, token)
+            if key not in nodes:
+                nodes[key] = len(token_ids)
+                token_ids.append(token)
+                parents.append(parent)
+            parent = nodes[key]
+    return token_ids, parents
+
+
+def global_lm(vocab_size: int, texts: list[list[int]], order: int = ORDER) -> NgramLM:
+    """The global LM of a set of texts (the self-distilled records' token ids)."""
+    lm = NgramLM(vocab_size, order)
+    for text in texts:
+        lm.add(text)
+    return lm
