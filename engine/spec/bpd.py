@@ -116,7 +116,7 @@ class BpdProposer:
         state = pending(request, STATE_KEY)
         state.q, state.parents, state.anchor = None, None, anchor
         if request.sampling.greedy:
-            top = torch.log_softmax(logits.float(), dim=-1).topk(self.refine.top_k, dim=-1)
+            top = logits.float().topk(self.refine.top_k, dim=-1)  # best_paths: no log-softmax needed
             paths = best_paths(top.values, top.indices, lm, context, self.refine.weight, self.refine.num_paths)
             state.drafts, parents = trie(paths)
             state.parents = None if len(paths) == 1 else parents

@@ -99,12 +99,14 @@ class RefineConfig:
             raise ValueError("top_k >= 1, num_paths >= 1 and weight >= 0 are required")
 
 
-def best_paths(logprobs: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, context: list[int],
+def best_paths(logits: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, context: list[int],
                weight: float, num_paths: int) -> list[list[int]]:
-    """The num_paths best paths through the lattice, best first. logprobs, token_ids # [K, k]: each
-    head's top-k log-probabilities and tokens. Every path is scored (k^K: 16 for the default 2 heads
-    of 4), so the result is exact, not a beam's."""
-    values, tokens = logprobs.tolist(), token_ids.tolist()
+    """The num_paths best paths through the lattice, best first. logits, token_ids # [K, k]: each
+    head's top-k logits (or log-probabilities: a path takes one token per head, so each head's
+    normaliser adds the same to every path and the ranking is the same without the log-softmax over
+    the vocabulary) and tokens. Every path is scored (k^K: 16 for the default 2 heads of 4), so the
+    result is exact, not a beam's."""
+    values, tokens = logits.tolist(), token_ids.tolist()
     lm_logp: dict[tuple[int, ...], float] = {}  # memo: a prefix's last token given the text before it
 
     def lm_score(prefix: tuple[int, ...]) -> float:

@@ -64,6 +64,8 @@ def test_best_paths_are_the_exhaustive_ranking_and_the_lm_can_overrule_the_heads
         scores.append(float(logprobs[0, a] + logprobs[1, b] + lm_score))
     assert sorted(map(tuple, ranked)) == sorted(itertools.product(tokens[0].tolist(), tokens[1].tolist()))
     assert scores == sorted(scores, reverse=True)
+    raw = torch.tensor(HEAD_LOGITS).topk(3, -1)  # unnormalised logits rank the paths the same
+    assert best_paths(raw.values, raw.indices, lm, [0, 1], weight=1.0, num_paths=9) == ranked
 
 
 def test_trie_merges_shared_prefixes_best_path_first():
