@@ -140,12 +140,13 @@ def load_bpd_proposer(config, model_dir: Path) -> BpdProposer | None:
     if not config.bpd_refine_weight:
         return BpdProposer(heads)
     refine = RefineConfig(weight=config.bpd_refine_weight, num_paths=config.bpd_refine_paths)
-    return BpdProposer(heads, refine, _data_lm(config, model_dir))
+    return BpdProposer(heads, refine, _data_lm(config))
 
 
-def _data_lm(config, model_dir: Path) -> NgramLM | None:
+def _data_lm(config) -> NgramLM | None:
     """The global n-gram LM of config.bpd_ngram_data, or of the committed self-distilled data for this
-    model when there is some ("" or no file: None, each request's own text alone)."""
+    model when there is some ("" or no file: None, each request's own text alone). Raises ValueError
+    for a named file that is missing or was made by another model."""
     from engine.config import ModelConfig
     from engine.models.loader import model_name
     from engine.train.artifact import ARTIFACTS_DIR
@@ -158,5 +159,8 @@ def _data_lm(config, model_dir: Path) -> NgramLM | None:
             return None
     if not path:
         return None
+    if not Path(path).is_file():
+        raise ValueError(f"--bpd-ngram-data {path} does not exist (give self-distilled records from "
+                         f"`specd train data`, or \"\" for each request's own text alone)")
     data = load_training_data(config.model, path, eval_fraction=0.0)  # refuses another model's data
     return global_lm(ModelConfig.from_hf_dir(data.model_dir).vocab_size, [r.token_ids for r in data.records])
