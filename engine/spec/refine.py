@@ -18,7 +18,8 @@ rose from 0.141 to 0.225 on Spec-Bench outputs and from 0.317 to 0.477 on held-o
 records (the request's own text alone: 0.212 and 0.420; weight 0.5 / 2 gave less / the same); the
 p = 2 best paths as a tree gave 0.264 for 3.5 nodes instead of 2, so one path is the default. Served
 at batch 1 (fp32, engine only) the draft controller then kept more drafts: 1.08x `none` against the
-unrefined heads' 1.02x, outputs identical.
+unrefined heads' 1.02x, outputs identical. In int8, where a verify row costs more of a shorter step,
+neither paid (0.97x / 0.98x).
 
 Greedy requests draft the best path. Sampled requests draw each draft from the head's own sampling
 distribution (temperature, top-k, top-p) reweighted by LM^weight over its top-k tokens, one position
