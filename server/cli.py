@@ -22,10 +22,16 @@ log = logging.getLogger("specd")
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    _add_spec_args(p)
+    _add_drafter_args(p)
+    _add_server_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model, its batch and its KV cache."""
     d_cache, d_sched = CacheConfig(), SchedulerConfig()
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default) or a local HF model directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--max-num-seqs", type=int, default=d_sched.max_num_seqs)
@@ -37,6 +43,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=d_cache.block_size)
     p.add_argument("--kv-cache-dtype", default=d_cache.dtype, choices=list(KV_CACHE_DTYPES),
                    help="auto: fp16 for the int8 dtypes on a CPU with F16C, else the activations' dtype")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-dir", default=None, help="where the default model is cached")
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    """Speculation for every method: which, how many drafts, the layout and the draft controller."""
     p.add_argument("--spec", default=EngineConfig.spec, choices=list(SPEC_METHODS),
                    help="speculation method for requests that don't pick one (none: plain decoding)")
     p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
@@ -49,6 +61,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-fairness", type=float, default=EngineConfig.spec_fairness,
                    help="least expected rate, over plain decoding, a draft plan may leave any request (0: "
                         "maximise batch throughput)")
+
+
+def _add_drafter_args(p: argparse.ArgumentParser) -> None:
+    """Each drafter's own settings and trained artifacts."""
     p.add_argument("--jacobi-config", default=None, help="YAML with the TR-Jacobi tree shape")
     p.add_argument("--pass-artifact", default=None,
                    help="PaSS look-ahead embeddings (default: artifacts/pass/<model>.safetensors if present)")
@@ -70,8 +86,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recycle-lossy", action="store_true",
                    help="recycle: keep one module token per step unverified (the paper's alternating decoding; "
                         "faster, NOT lossless)")
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-dir", default=None, help="where the default model is cached")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """HTTP, security, shutdown and logging."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SPECD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on API routes (default $SPECD_API_KEY)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
