@@ -16,7 +16,6 @@ draft from it after the plan, for the drafts the controller kept.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,10 @@ from engine.config import TRAINED_METHODS, EngineConfig
 from engine.sampler import apply_logit_processors, compute_logprobs, get_generator, probs_from_logits
 from engine.spec.base import depths, path_to
 from engine.spec.controller import DraftController
-from engine.spec.ngram import NgramProposer
+from engine.spec.loading import build_proposers
 from engine.types import DraftTree, Request, ScheduledRequest, SchedulerOutput, TokenLogprob, VerifyResult
 from engine.verifier import emitted_rows, verify
 
-DEFAULT_JACOBI_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "spec" / "jacobi.yaml"
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -195,11 +192,7 @@ class Speculator:
         self.padded = config.spec_layout in ("padded", "padded-kv")
         self.pads_kv = config.spec_layout == "padded-kv"
         self.controller = DraftController(adaptive=config.spec_adaptive, fairness=config.spec_fairness)
-        self.proposers = {"ngram": NgramProposer(config.num_draft_tokens)}
-        self.proposers.update(_optional_proposers(config))
-        self.proposers.update(_trained_proposer(config, model_dir, "pass"))
-        self.proposers.update(_trained_proposer(config, model_dir, "bpd"))
-        self.proposers.update(_trained_proposer(config, model_dir, "recycle"))
+        self.proposers = build_proposers(config, model_dir)
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
@@ -395,57 +388,3 @@ def unpad(logits: torch.Tensor, entries: list[ScheduledRequest], real: dict[str,
         row += size
         s.draft = trim(s.draft, num_real) if s.draft is not None else None
     return logits[keep] if len(keep) != logits.shape[0] else logits
-
-
-def _optional_proposers(config: EngineConfig) -> dict:
-    try:
-        from engine.spec.jacobi import JacobiConfig, JacobiProposer
-    except ImportError:  # the Jacobi drafter is not built yet
-        return {}
-    path = Path(config.jacobi_config) if config.jacobi_config else DEFAULT_JACOBI_CONFIG
-    jacobi = JacobiConfig.from_yaml(path) if path.is_file() else JacobiConfig()
-    return {"jacobi": JacobiProposer(jacobi)}
-
-
-def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str) -> dict:
-    """A drafter with a trained artifact (pass, bpd, recycle) when one exists for this model (or was named:
-    then it must load)."""
-    if model_dir is None:
-        return {}
-    named = getattr(config, f"{method}_artifact")
-    try:
-        proposer = TRAINED_LOADERS[method](config, model_dir)
-    except ValueError as exc:
-        if named or config.spec == method:
-            raise
-        log.warning("speculative method %r is unavailable: %s", method, exc)
-        return {}
-    if proposer is None:
-        if config.spec == method:
-            raise ValueError(f"--spec {method} needs a trained artifact for {config.model}: none found in "
-                             f"artifacts/{method}/; give one with --{method}-artifact (train it with "
-                             f"`specd train {method}`)")
-        return {}
-    return {method: proposer}
-
-
-def _load_pass(config, model_dir):
-    from engine.spec.lookahead import load_pass_proposer
-
-    return load_pass_proposer(config, model_dir)
-
-
-def _load_bpd(config, model_dir):
-    from engine.spec.bpd import load_bpd_proposer
-
-    return load_bpd_proposer(config, model_dir)
-
-
-def _load_recycle(config, model_dir):
-    from engine.spec.recycle import load_recycle_proposer
-
-    return load_recycle_proposer(config, model_dir)
-
-
-TRAINED_LOADERS = {"pass": _load_pass, "bpd": _load_bpd, "recycle": _load_recycle}
-"""TRAINED_METHODS -> the loader of its drafter (imported when used)."""
