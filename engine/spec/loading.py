@@ -31,7 +31,8 @@ def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str)
     then it must load)."""
     if model_dir is None:
         return {}
-    named = getattr(config, f"{method}_artifact")
+    # A file the operator named must load: the artifact, and for bpd the refinement's n-gram data too.
+    named = getattr(config, f"{method}_artifact") or (method == "bpd" and config.bpd_ngram_data)
     try:
         proposer = TRAINED_LOADERS[method](config, model_dir)
     except ValueError as exc:
