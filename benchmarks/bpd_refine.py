@@ -4,12 +4,11 @@ LM does to acceptance, and to speed, side by side in one run.
 1. Acceptance, teacher-forced: the default model's greedy outputs of Spec-Bench prompts (generated
    here with `--spec none`) and the held-out self-distilled records (the heads' and the global LM's
    training data split as `specd train` splits it). At every output position the heads read the row
-   that emits the next token, each configuration drafts from that row exactly as the served drafter
-   does (the request's own n-gram LM counted through the text before the emitted token, the emitted
+   that emits the next token, each configuration drafts from that row as the served drafter does (the request's own n-gram LM counted through the text before the emitted token, the emitted
    token as context), and a draft path counts the greedy tokens it gets right in a row (a tree: its
    best path). Reports accepted drafts per step and draft nodes per step.
-2. Speed, engine only, batch 1 (the --speed-configs), each prompt alone, ABBA over --rounds: output
-   tokens per second against `none`, and whether the outputs equal `none`'s token for token.
+2. Speed, engine only, batch 1 (none, bpd unrefined, bpd refined), each prompt alone, ABBA over
+   --rounds: output tokens per second against `none`, and whether the outputs equal `none`'s.
 
     .venv/bin/python benchmarks/bpd_refine.py [--per-category 4] [--max-tokens 128] [--dtype fp32]
 
@@ -30,7 +29,7 @@ from benchmarks.recycle import generate, run_abba  # noqa: E402
 from engine.config import DEFAULT_MODEL, CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.spec.bpd import head_outputs  # noqa: E402
-from engine.spec.refine import ORDER, NgramLM, best_paths, global_lm  # noqa: E402
+from engine.spec.refine import ORDER, NgramLM, RefineConfig, best_paths, global_lm  # noqa: E402
 from engine.train.artifact import ARTIFACTS_DIR, default_artifact_path, load_artifact  # noqa: E402
 from engine.train.frozen import FrozenLlama  # noqa: E402
 from engine.train.job import load_training_data  # noqa: E402
@@ -43,18 +42,18 @@ ACCEPTANCE_CONFIGS = {
     "own text, w 2": (2.0, 1, False), "own + global, w 0.5": (0.5, 1, True), "own + global, w 1": (1.0, 1, True),
     "own + global, w 2": (2.0, 1, True), "own + global, w 1, 2 paths": (1.0, 2, True),
 }
-TOP_K = 4
+TOP_K = RefineConfig().top_k
 
 
 def lattice_cases(frozen: FrozenLlama, heads: tuple, texts: list[tuple[list[int], int]]) -> list[tuple]:
-    """(text before the emitted token, emitted token, heads' top-k log-probs, tokens, the 2 greedy
+    """(text before the emitted token, emitted token, heads' top-k logits, tokens, the 2 greedy
     tokens after the emitted one) per output position whose emitted token is the greedy one."""
     cases = []
     for ids, first in texts:  # first: the row that emits the first output token
         with torch.no_grad():
             hidden = frozen.prefix(ids).hidden
             greedy = frozen.logits(hidden).argmax(-1).tolist()
-            top = torch.log_softmax(frozen.logits(head_outputs(hidden, *heads)), -1).topk(TOP_K, -1)
+            top = frozen.logits(head_outputs(hidden, *heads)).topk(TOP_K, -1)  # as served: no log-softmax
         for j in range(first, len(ids) - 3):
             if greedy[j] == ids[j + 1]:
                 cases.append((ids[:j + 1], ids[j + 1], top.values[j], top.indices[j], greedy[j + 1:j + 3]))
@@ -64,12 +63,12 @@ def lattice_cases(frozen: FrozenLlama, heads: tuple, texts: list[tuple[list[int]
 def acceptance(cases: list[tuple], weight: float, num_paths: int, base: NgramLM | None, vocab: int) -> dict:
     accepted = nodes = 0
     lm, lm_text = None, None
-    for before, emitted, logprobs, tokens, labels in cases:
+    for before, emitted, logits, tokens, labels in cases:
         if lm_text is None or before[:len(lm_text)] != lm_text:  # a new text: a new request's LM
             lm = NgramLM(vocab, base=base)
         lm.extend(before)
         lm_text = before
-        paths = best_paths(logprobs, tokens, lm, before[-(ORDER - 1):] + [emitted], weight, num_paths)
+        paths = best_paths(logits, tokens, lm, before[-(ORDER - 1):] + [emitted], weight, num_paths)
         accepted += max(_prefix_match(path, labels) for path in paths)
         nodes += len({tuple(path[:i + 1]) for path in paths for i in range(len(path))})
     return {"accepted_per_step": round(accepted / len(cases), 4), "nodes_per_step": round(nodes / len(cases), 3)}
