@@ -164,12 +164,13 @@ class EngineConfig:
     under 2% of held-out roots (artifacts/README.md)."""
     bpd_artifact: str | None = None
     """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
-    bpd_refine_weight: float = 1.0
-    """The n-gram LM's weight when BPD drafts are refined (engine/spec/refine.py); 0: the heads' own
-    drafts. 1 by teacher-forced measurement on Spec-Bench (benchmarks/bpd_refine.py)."""
-    bpd_refine_paths: int = 1
-    """Best lattice paths a refined BPD request drafts, as a tree (the paper's p-best); 1: a chain."""
-    bpd_ngram_data: str | None = None
+    refine_weight: float = 1.0
+    """The n-gram LM's weight when BPD and PaSS drafts are refined (engine/spec/refine.py); 0: the
+    heads' and look-ahead rows' own drafts. 1 by teacher-forced measurement (benchmarks/refine.py)."""
+    refine_paths: int = 1
+    """Best lattice paths a refined BPD request drafts, as a tree (the paper's p-best); 1: a chain.
+    PaSS always drafts one (its fused mode appends look-ahead rows after a chain)."""
+    refine_ngram_data: str | None = None
     """Self-distilled records (engine/train/data.py) for refinement's global n-gram LM (default: the
     committed artifacts/pass/<model name>.data.jsonl when present; "": the request's own text alone)."""
     recycle_artifact: str | None = None
@@ -203,8 +204,8 @@ class EngineConfig:
             raise ValueError(f"--spec {self.spec} is not available with --spec-layout {self.spec_layout}")
         if not 0.0 <= self.spec_fairness <= 1.0:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
-        if self.bpd_refine_weight < 0 or self.bpd_refine_paths < 1:
-            raise ValueError("bpd_refine_weight must be >= 0 and bpd_refine_paths >= 1")
+        if self.refine_weight < 0 or self.refine_paths < 1:
+            raise ValueError("refine_weight must be >= 0 and refine_paths >= 1")
         if not 0 <= self.num_draft_tokens <= 64:
             raise ValueError("num_draft_tokens must be between 0 and 64")
 

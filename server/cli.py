@@ -74,12 +74,13 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
                    help="PaSS look-ahead rows per step (at most the artifact's L)")
     p.add_argument("--bpd-artifact", default=None,
                    help="Blockwise Parallel Decoding heads (default: artifacts/bpd/<model>.safetensors if present)")
-    p.add_argument("--bpd-refine-weight", type=float, default=EngineConfig.bpd_refine_weight,
-                   help="bpd: weight of the n-gram LM that rescores the heads' top-k lattice (0: the heads' argmax)")
-    p.add_argument("--bpd-refine-paths", type=int, default=EngineConfig.bpd_refine_paths,
+    p.add_argument("--refine-weight", type=float, default=EngineConfig.refine_weight,
+                   help="bpd and pass: weight of the n-gram LM that rescores the drafts' top-k lattice "
+                        "(0: the heads' and look-ahead rows' argmax)")
+    p.add_argument("--refine-paths", type=int, default=EngineConfig.refine_paths,
                    help="bpd: best lattice paths drafted as a tree (1: a chain)")
-    p.add_argument("--bpd-ngram-data", default=None,
-                   help="bpd: self-distilled records for the refinement's global n-gram LM (default: "
+    p.add_argument("--refine-ngram-data", default=None,
+                   help="self-distilled records for the refinement's global n-gram LM (default: "
                         "artifacts/pass/<model>.data.jsonl if present; '': the request's own text alone)")
     p.add_argument("--recycle-artifact", default=None,
                    help="RecycleGPT's recyclable module (default: artifacts/recycle/<model>.safetensors if present)")
@@ -120,8 +121,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
-        bpd_artifact=args.bpd_artifact, bpd_refine_weight=args.bpd_refine_weight,
-        bpd_refine_paths=args.bpd_refine_paths, bpd_ngram_data=args.bpd_ngram_data, recycle_artifact=args.recycle_artifact, recycle_lossy=args.recycle_lossy,
+        bpd_artifact=args.bpd_artifact, refine_weight=args.refine_weight, refine_paths=args.refine_paths,
+        refine_ngram_data=args.refine_ngram_data, recycle_artifact=args.recycle_artifact,
+        recycle_lossy=args.recycle_lossy,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len, max_queue=args.max_queue),

@@ -3,11 +3,13 @@ bpd, recycle) whose artifact exists for the served model, or was named (then it 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.spec.jacobi import JacobiConfig, JacobiProposer
 from engine.spec.ngram import NgramProposer
+from engine.spec.refine import Refiner, load_refiner
 
 DEFAULT_JACOBI_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "spec" / "jacobi.yaml"
 log = logging.getLogger(__name__)
@@ -16,9 +18,24 @@ log = logging.getLogger(__name__)
 def build_proposers(config: EngineConfig, model_dir: Path | None) -> dict:
     """method -> proposer; raises ValueError for an artifact that was asked for and cannot serve."""
     proposers = {"ngram": NgramProposer(config.num_draft_tokens), "jacobi": _jacobi_proposer(config)}
+    if model_dir is None:
+        return proposers
+    refiner = _refiner(config)  # one n-gram LM of the self-distilled data for pass and bpd
     for method in TRAINED_LOADERS:
-        proposers.update(_trained_proposer(config, model_dir, method))
+        proposers.update(_trained_proposer(config, model_dir, method, refiner))
     return proposers
+
+
+def _refiner(config: EngineConfig) -> Refiner | None:
+    """Draft refinement; committed data that cannot serve this model leaves each request's own text
+    (a named file must load)."""
+    try:
+        return load_refiner(config)
+    except ValueError as exc:
+        if config.refine_ngram_data:
+            raise
+        log.warning("draft refinement uses each request's own text alone: %s", exc)
+        return load_refiner(replace(config, refine_ngram_data=""))
 
 
 def _jacobi_proposer(config: EngineConfig) -> JacobiProposer:
@@ -26,15 +43,12 @@ def _jacobi_proposer(config: EngineConfig) -> JacobiProposer:
     return JacobiProposer(JacobiConfig.from_yaml(path) if path.is_file() else JacobiConfig())
 
 
-def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str) -> dict:
+def _trained_proposer(config: EngineConfig, model_dir: Path, method: str, refiner: Refiner | None) -> dict:
     """A drafter with a trained artifact (pass, bpd, recycle) when one exists for this model (or was named:
     then it must load)."""
-    if model_dir is None:
-        return {}
-    # A file the operator named must load: the artifact, and for bpd the refinement's n-gram data too.
-    named = getattr(config, f"{method}_artifact") or (method == "bpd" and config.bpd_ngram_data)
+    named = getattr(config, f"{method}_artifact")  # a file the operator named must load
     try:
-        proposer = TRAINED_LOADERS[method](config, model_dir)
+        proposer = TRAINED_LOADERS[method](config, model_dir, refiner)
     except ValueError as exc:
         if named or config.spec == method:
             raise
@@ -49,19 +63,19 @@ def _trained_proposer(config: EngineConfig, model_dir: Path | None, method: str)
     return {method: proposer}
 
 
-def _load_pass(config, model_dir):
+def _load_pass(config, model_dir, refiner):
     from engine.spec.lookahead import load_pass_proposer
 
-    return load_pass_proposer(config, model_dir)
+    return load_pass_proposer(config, model_dir, refiner)
 
 
-def _load_bpd(config, model_dir):
+def _load_bpd(config, model_dir, refiner):
     from engine.spec.bpd import load_bpd_proposer
 
-    return load_bpd_proposer(config, model_dir)
+    return load_bpd_proposer(config, model_dir, refiner)
 
 
-def _load_recycle(config, model_dir):
+def _load_recycle(config, model_dir, refiner):  # its module drafts whole tokens: nothing to refine
     from engine.spec.recycle import load_recycle_proposer
 
     return load_recycle_proposer(config, model_dir)

@@ -19,6 +19,9 @@ Two ways to run it, both batched with every other request of the step (EMS-SD):
 Drafts carry their q: greedy requests draft the argmax (q = one-hot, `draft_probs` None), sampled
 requests draw d_i ~ q_i = the request's temperature / top-k / top-p applied to the a_i row, from the
 request's own generator, and the verifier's min(1, p/q) test keeps the output distribution exact.
+By default the rows are refined first (engine/spec/refine.py, as BPD's heads are): a_1 guesses the
+token after the one its own forward emits without knowing it, and an n-gram LM that does know it
+rescores the rows' top-k lattice (greedy: the best path; sampled: q reweighted by the LM).
 
 Per-request state (`request.state["pass"]`, a PendingDrafts): the drafts and the text length they continue.
 The embeddings come from a trained artifact (engine/train/pass_.py, artifacts/pass/).
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 
 from engine.config import PASS_MODES as MODES
-from engine.spec.base import propose_pending, set_pending
+from engine.spec.base import pending, propose_pending, set_pending
+from engine.spec.refine import Refiner
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "pass"
@@ -58,7 +62,8 @@ class PassProposer:
 
     name = "pass"
 
-    def __init__(self, embeds: torch.Tensor, mode: str = "fused", max_lookahead: int | None = None):
+    def __init__(self, embeds: torch.Tensor, mode: str = "fused", max_lookahead: int | None = None,
+                 refiner: Refiner | None = None):
         if mode not in MODES:
             raise ValueError(f"pass mode must be one of {', '.join(MODES)}, not {mode!r}")
         if embeds.dim() != 2 or embeds.shape[0] < 1:
@@ -67,6 +72,8 @@ class PassProposer:
         self.mode = mode
         self.rows_per_draft = ROWS_PER_DRAFT[mode]
         self.num_lookahead = min(embeds.shape[0], max_lookahead or embeds.shape[0])
+        self.refiner = refiner
+        """None: the look-ahead rows' own drafts, unrefined."""
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         """The pending drafts of each request whose text they still continue."""
@@ -97,14 +104,18 @@ class PassProposer:
         logits: # [num_lookahead, vocab] fp32, the request's look-ahead rows in order.
         Called before the step's tokens are appended to request.token_ids.
         """
-        valid = logits is not None and result.num_accepted == result.num_draft
-        set_pending(request, STATE_KEY, logits if valid else None, request.num_tokens + len(result.token_ids))
+        valid = logits is not None and logits.shape[0] > 0 and result.num_accepted == result.num_draft
+        anchor = request.num_tokens + len(result.token_ids)
+        if valid and self.refiner is not None:  # a chain: fused mode appends look-ahead rows after it
+            self.refiner.redraft(request, pending(request, STATE_KEY), logits, result.token_ids, anchor, num_paths=1)
+        else:
+            set_pending(request, STATE_KEY, logits if valid else None, anchor)
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
+def load_pass_proposer(config, model_dir: Path, refiner: Refiner | None = None) -> PassProposer | None:
     """The drafter for config.pass_artifact (or the committed default for this model; None if there
     is none). Raises ArtifactError (a ValueError) for an artifact of another model or method."""
     from engine.train.artifact import load_served_artifact
@@ -113,4 +124,4 @@ def load_pass_proposer(config, model_dir: Path) -> PassProposer | None:
     if artifact is None:
         return None
     max_lookahead = min(config.pass_lookahead, config.num_draft_tokens) or 1
-    return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, max_lookahead)
+    return PassProposer(artifact.tensors["lookahead"].float(), config.pass_mode, max_lookahead, refiner)

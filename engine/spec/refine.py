@@ -1,4 +1,4 @@
-"""BPD draft refinement: the heads' top-k lattice rescored by an n-gram language model.
+"""Draft refinement: a lattice of blind guesses rescored by an n-gram language model.
 
 Kim et al. 2024, "Exploring and Improving Drafts in Blockwise Parallel Decoding": BPD heads guess
 each future position independently, so their argmax chain often repeats or skips a word (head 1
@@ -6,6 +6,8 @@ guesses the token after the one the model is emitting now without knowing which 
 The paper builds a lattice from each head's top-k tokens and rescores its paths with a small LM,
 an n-gram LM (global rescoring, the p best paths) or a neural LM (local); the verifier then checks
 the rescored drafts as before, so the output is unchanged (lossless) and only acceptance moves.
+PaSS's look-ahead rows (engine/spec/lookahead.py) are blind the same way: the row a_1 guesses the
+token after the one the same forward emits. So one `Refiner` serves both drafters.
 
 Here the LM is a Witten-Bell interpolated n-gram model of the request's own text (prompt and output,
 counted incrementally, like prompt lookup's index) whose lowest order backs off to a global n-gram
@@ -31,11 +33,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from engine.sampler import get_generator, probs_from_logits
+from engine.spec.base import PendingDrafts
+from engine.types import Request
+
 ORDER = 3
 """n-gram order: contexts of up to ORDER - 1 tokens (prompt lookup's index matches up to 3)."""
+LM_STATE_KEY = "draft_lm"
+"""request.state key of the request's own NgramLM (a request drafts with one method at a time)."""
 
 
 class NgramLM:
@@ -167,3 +176,67 @@ def global_lm(vocab_size: int, texts: list[list[int]], order: int = ORDER) -> Ng
     for text in texts:
         lm.add(text)
     return lm
+
+
+class Refiner:
+    """Turns rows of blind guesses into refined pending drafts: the request's own n-gram LM (backed
+    off to `global_lm`) rescores their top-k lattice, conditioned on the text and the tokens the step
+    emitted."""
+
+    def __init__(self, config: RefineConfig, global_lm: NgramLM | None = None):
+        self.config = config
+        self.global_lm = global_lm
+        """The n-gram LM of the self-distilled data each request's own LM backs off to (None: uniform)."""
+
+    def redraft(self, request: Request, state: PendingDrafts, logits: torch.Tensor, emitted: list[int],
+                anchor: int, num_paths: int | None = None) -> None:
+        """Set `state` to the drafts of logits # [n, vocab] (row i: the token i + 1 places after the
+        last of `emitted`, this step's tokens, not yet in request.token_ids). num_paths: at most the
+        config's (1 for a drafter that needs a chain)."""
+        lm = request.state.get(LM_STATE_KEY)
+        if lm is None:
+            lm = request.state[LM_STATE_KEY] = NgramLM(logits.shape[-1], base=self.global_lm)
+        lm.extend(request.token_ids)  # this step's tokens are counted next step, but condition now:
+        context = request.token_ids[-(ORDER - 1):] + emitted
+        state.q, state.parents, state.anchor = None, None, anchor
+        weight, top_k = self.config.weight, self.config.top_k
+        if request.sampling.greedy:
+            top = logits.float().topk(top_k, dim=-1)  # best_paths: no log-softmax needed
+            paths = best_paths(top.values, top.indices, lm, context, weight,
+                               min(num_paths or self.config.num_paths, self.config.num_paths))
+            state.drafts, parents = trie(paths)
+            state.parents = None if len(paths) == 1 else parents
+        else:
+            probs = probs_from_logits(logits.float(), [request.sampling] * logits.shape[0])
+            state.drafts, state.q = sample_path(probs, lm, context, weight, top_k, get_generator(request))
+
+
+def load_refiner(config) -> Refiner | None:
+    """The refiner of an EngineConfig (None when refine_weight is 0), with the global n-gram LM of
+    config.refine_ngram_data, or of the committed self-distilled data for this model when there is
+    some ("" or no such file: each request's own text alone). Raises ValueError for a named file that
+    is missing or was made by another model."""
+    if not config.refine_weight:
+        return None
+    refine = RefineConfig(weight=config.refine_weight, num_paths=config.refine_paths)
+    return Refiner(refine, _data_lm(config))
+
+
+def _data_lm(config) -> NgramLM | None:
+    from engine.config import ModelConfig
+    from engine.models.loader import model_name
+    from engine.train.artifact import ARTIFACTS_DIR
+    from engine.train.job import load_training_data
+
+    path = config.refine_ngram_data
+    if path is None:
+        path = ARTIFACTS_DIR / "pass" / f"{model_name(config.model)}.data.jsonl"
+        if not path.is_file():
+            return None
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ValueError(f"--refine-ngram-data {path} does not exist (give self-distilled records from "
+                         f"`specd train data`, or \"\" for each request's own text alone)")
+    data = load_training_data(config.model, path, eval_fraction=0.0)  # refuses another model's data
+    return global_lm(ModelConfig.from_hf_dir(data.model_dir).vocab_size, [r.token_ids for r in data.records])

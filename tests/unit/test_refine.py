@@ -1,5 +1,5 @@
-"""BPD draft refinement (engine/spec/refine.py): the Witten-Bell n-gram LM, the lattice's best paths,
-the p-best tree, sampled drafts with their q, and the drafter drafting the rescored path."""
+"""Draft refinement (engine/spec/refine.py): the Witten-Bell n-gram LM, the lattice's best paths,
+the p-best tree, sampled drafts with their q, and the BPD and PaSS drafters drafting the rescored path."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,8 @@ import torch
 
 from engine.spec.base import depths
 from engine.spec.bpd import BpdProposer, DraftHeads
-from engine.spec.refine import NgramLM, RefineConfig, best_paths, sample_path, trie
+from engine.spec.lookahead import PassProposer
+from engine.spec.refine import NgramLM, RefineConfig, Refiner, best_paths, sample_path, trie
 from engine.types import Request, SamplingParams, VerifyResult
 
 VOCAB = 6
@@ -99,8 +100,8 @@ def test_refined_drafter_drafts_the_rescored_path_and_a_tree_for_two_paths():
     logits = torch.tensor(HEAD_LOGITS)
     # The step emits "0 1", so the heads guess what follows "0 1".
     result = VerifyResult("r", [0, 1], 1, 1, [0])
-    plain, refined = BpdProposer(heads), BpdProposer(heads, RefineConfig(weight=1.0))
-    two_paths = BpdProposer(heads, RefineConfig(weight=1.0, num_paths=2))
+    plain, refined = BpdProposer(heads), BpdProposer(heads, Refiner(RefineConfig(weight=1.0)))
+    two_paths = BpdProposer(heads, Refiner(RefineConfig(weight=1.0, num_paths=2)))
     for proposer, expect in ((plain, [3, 4]), (refined, [2, 5])):
         r = _request(0.0)
         proposer.observe_draft_rows(r, result, logits)
@@ -117,7 +118,7 @@ def test_refined_drafter_drafts_the_rescored_path_and_a_tree_for_two_paths():
 
 
 def test_refined_drafter_gives_sampled_requests_their_q():
-    proposer = BpdProposer(DraftHeads(torch.zeros(2, 4, 4), torch.zeros(2, 4)), RefineConfig(weight=1.0))
+    proposer = BpdProposer(DraftHeads(torch.zeros(2, 4, 4), torch.zeros(2, 4)), Refiner(RefineConfig(weight=1.0)))
     r = _request(1.0)
     proposer.observe_draft_rows(r, VerifyResult("r", [0, 1], 1, 1, [0]), torch.randn(2, VOCAB))
     r.token_ids += [0, 1]
@@ -125,6 +126,25 @@ def test_refined_drafter_gives_sampled_requests_their_q():
     assert tree.draft_probs.shape == (2, VOCAB)
     assert all(float(tree.draft_probs[i, t]) > 0 for i, t in enumerate(tree.token_ids))
     assert torch.allclose(tree.draft_probs.sum(-1), torch.ones(2))
+
+
+def test_pass_drafts_the_rescored_chain_even_when_asked_for_two_paths():
+    """PaSS's look-ahead rows are refined as BPD's head rows are, always into a chain; a rejected
+    step's rows stay dropped."""
+    result = VerifyResult("r", [0, 1], 1, 1, [0])
+    logits = torch.tensor(HEAD_LOGITS)
+    refiner = Refiner(RefineConfig(weight=1.0, num_paths=2))
+    plain, refined = PassProposer(torch.zeros(2, 4)), PassProposer(torch.zeros(2, 4), refiner=refiner)
+    for proposer, expect in ((plain, [3, 4]), (refined, [2, 5])):
+        r = _request(0.0)
+        proposer.observe_draft_rows(r, result, logits)
+        r.token_ids += result.token_ids
+        tree = proposer.propose([r], {"r": 5})["r"]
+        assert tree.token_ids == expect and tree.parents == [-1, 0]
+    r = _request(0.0)
+    refined.observe_draft_rows(r, VerifyResult("r", [0, 2], 2, 1, [0]), logits)  # its 2nd draft rejected
+    r.token_ids += [0, 2]
+    assert refined.propose([r], {"r": 5}) == {}
 
 
 def test_refine_config_is_checked():
