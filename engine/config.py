@@ -16,7 +16,7 @@ TRAINED_METHODS = ("pass", "bpd", "recycle")
 """Methods whose drafter needs a trained artifact; their extra logits rows exist in the ragged layout only."""
 SPEC_LAYOUTS = ("ragged", "padded", "padded-kv")
 PADDED_KV_NEEDS_CPU = "--spec-layout padded-kv runs on the CPU attention kernels only"
-PASS_MODES = ("fused", "two_call")
+PASS_MODES = ("fused", "two_call", "branch")
 
 
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-fast")
@@ -156,12 +156,14 @@ class EngineConfig:
     pass_artifact: str | None = None
     """PaSS look-ahead embeddings (default: artifacts/pass/<model name>.safetensors when present)."""
     pass_mode: str = "two_call"
-    """two_call (the paper's draft, then verify) | fused (look-ahead rows ride in the verify pass).
-    two_call by measurement on the dev CPU (benchmarks/results/pass_cpu.txt)."""
+    """two_call (the paper's draft, then verify) | fused (look-ahead rows ride in the verify pass, after
+    the drafts) | branch (they ride in it beside the drafts, after the last real token; see
+    engine/spec/lookahead.py). two_call by measurement on the dev CPU (benchmarks/results/pass_cpu.txt)."""
     pass_lookahead: int = 1
     """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 1 by
     measurement for the default model: its 2nd look-ahead draft is right after a right 1st one for
-    under 2% of held-out roots (artifacts/README.md)."""
+    under 2% of held-out roots (artifacts/README.md); refined, L 2 earns more per step but ran 1.07x
+    `none` against L 1's 1.16x at batch 1 (benchmarks/results/refine_cpu.txt)."""
     bpd_artifact: str | None = None
     """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
     refine_weight: float = 1.0

@@ -114,21 +114,29 @@ def request_layout(s: ScheduledRequest) -> RequestLayout:
         layout.sample_rows += list(range(num_new, num_new + num_draft))
         layout.tree_block = _tree_block(num_new, draft)
     if s.num_lookahead > 0:
-        _append_lookahead(layout, s.num_lookahead, r.request_id)
+        _append_lookahead(layout, s.num_lookahead, r.request_id, s.lookahead_from_root)
     return layout
 
 
-def _append_lookahead(layout: RequestLayout, num_lookahead: int, request_id: str) -> None:
-    """Look-ahead rows after the last row: the next positions and cache indices, causal."""
+def _append_lookahead(layout: RequestLayout, num_lookahead: int, request_id: str, from_root: bool = False) -> None:
+    """Look-ahead rows after the last row (causal), or with from_root after the last real token's row,
+    beside the draft chain (a branch: they see neither the drafts nor are seen by them). Either way
+    their cache indices come after every other row's, so rolling back the drafts drops them too."""
     if layout.tree_block is not None:
         raise ValueError(f"request {request_id}: look-ahead rows need a chain draft, not a tree")
     num_rows = len(layout.token_ids)
-    last_position, last_index = layout.positions[-1], layout.cache_indices[-1]
+    parent = layout.sample_rows[0] if from_root else num_rows - 1
+    first_position, last_index = layout.positions[parent] + 1, layout.cache_indices[-1]
     layout.token_ids = layout.token_ids + [0] * num_lookahead  # placeholder ids: the embeddings replace them
-    layout.positions = layout.positions + list(range(last_position + 1, last_position + 1 + num_lookahead))
+    layout.positions = layout.positions + list(range(first_position, first_position + num_lookahead))
     layout.cache_indices = layout.cache_indices + list(range(last_index + 1, last_index + 1 + num_lookahead))
     layout.kv_len += num_lookahead
     layout.lookahead_rows = list(range(num_rows, num_rows + num_lookahead))
+    if parent < num_rows - 1:  # beside drafts: row j of the branch sees the rows up to the parent and itself
+        size = num_rows + num_lookahead
+        layout.tree_block = ([[k <= j for k in range(size)] for j in range(num_rows)]
+                             + [[k <= parent or num_rows <= k <= j for k in range(size)]
+                                for j in range(num_rows, size)])
 
 
 def _merge_outputs(scheduled: list[ScheduledRequest], groups: list[list[ScheduledRequest]],

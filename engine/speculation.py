@@ -328,8 +328,10 @@ class Speculator:
         """Attach drafts; in the padded layout fill every draft up to its reservation with filler
         nodes. Returns request_id -> real draft length for `unpad`."""
         attach_drafts(sched, self._proposals, self._lookahead)
+        branch = "pass" in self.proposers and self.proposers["pass"].mode == "branch"
         for s in sched.scheduled:
             s.draft_heads = s.samples and s.request.request_id in self._heads
+            s.lookahead_from_root = branch and s.num_lookahead > 0
         real = {s.request.request_id: len(s.draft) if s.draft is not None else 0 for s in sched.scheduled}
         if self.padded:
             for s in sched.scheduled:

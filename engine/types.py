@@ -165,6 +165,8 @@ class ScheduledRequest:
     """Draft slots the scheduler reserved in the token budget and the KV cache for this step."""
     num_lookahead: int = 0
     """PaSS look-ahead rows appended after the draft (they use reserved draft slots; engine/spec/lookahead.py)."""
+    lookahead_from_root: bool = False
+    """The look-ahead rows continue the last real token, beside the draft, not after it (--pass-mode branch)."""
     draft_heads: bool = False
     """Apply the BPD heads to every sampled row of this request (engine/spec/bpd.py; no slots)."""
 

@@ -69,7 +69,8 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass-artifact", default=None,
                    help="PaSS look-ahead embeddings (default: artifacts/pass/<model>.safetensors if present)")
     p.add_argument("--pass-mode", default=EngineConfig.pass_mode, choices=list(PASS_MODES),
-                   help="fused: look-ahead rows ride in the verify pass; two_call: the paper's draft then verify")
+                   help="two_call: the paper's draft then verify; fused / branch: look-ahead rows ride in the "
+                        "verify pass, after the drafts / beside them")
     p.add_argument("--pass-lookahead", type=int, default=EngineConfig.pass_lookahead,
                    help="PaSS look-ahead rows per step (at most the artifact's L)")
     p.add_argument("--bpd-artifact", default=None,

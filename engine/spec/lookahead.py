@@ -15,6 +15,13 @@ Two ways to run it, both batched with every other request of the step (EMS-SD):
   all are, the bonus token is the token at a_1's position and the a_i rows are exactly the next
   iteration's drafts, so one call both verifies and drafts. After a rejection they are conditioned
   on a wrong token and are dropped; the next step is a drafting-only `[x_t, a_1..a_L]`.
+- `branch`: the look-ahead rows ride in every verify pass too, but beside the drafts: they continue
+  x_t (positions t+1.., attending the text and each other, not the drafts). They are the next
+  drafts exactly when every draft is rejected, which at this acceptance is the usual case, where
+  `fused` then needs a drafting-only step; after an acceptance `branch` needs one instead. With
+  acceptance alpha per single draft that is (1 + 2 alpha) / (1 + alpha) tokens per step, against
+  2 / (2 - alpha) for `fused` and (2 + alpha) / 2 for `two_call` (1.25 / 1.20 / 1.17 at alpha 1/3),
+  for 1 + drafts + L rows a step, which the dev CPU computes for about the price of one up to 3 rows.
 
 Drafts carry their q: greedy requests draft the argmax (q = one-hot, `draft_probs` None), sampled
 requests draw d_i ~ q_i = the request's temperature / top-k / top-p applied to the a_i row, from the
@@ -39,10 +46,11 @@ from engine.spec.refine import Refiner
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "pass"
-ROWS_PER_DRAFT = {"two_call": 2.0, "fused": 3.0}
+ROWS_PER_DRAFT = {"two_call": 2.0, "fused": 3.0, "branch": 2.5}
 """Rows the step-cost controller charges one PaSS draft. two_call: its verify row plus the
 look-ahead row that drafted it. fused: the same plus, after a rejection (the usual case at this
-acceptance), the drafting-only step that refills the pipeline: 2 + (1 - alpha) rows, rounded up."""
+acceptance), the drafting-only step that refills the pipeline: 2 + (1 - alpha) rows, rounded up.
+branch: the same plus that step after an acceptance: 2 + alpha rows, alpha ~0.3 refined."""
 
 
 @dataclass(frozen=True)
@@ -94,17 +102,21 @@ class PassProposer:
             return RowPlan(0, min(keep, limit))
         if self.mode == "two_call":  # a validation step: drafts only
             return RowPlan(keep, 0)
+        if self.mode == "branch":  # the rows that draft for the step after an all-rejected one
+            return RowPlan(keep, min(self.num_lookahead, limit))
         # Fused: re-draft one deeper than kept, so a short chain grows back as acceptance allows.
         return RowPlan(keep, min(self.num_lookahead, keep + 1, limit))
 
     def observe_draft_rows(self, request: Request, result: VerifyResult, logits: torch.Tensor | None) -> None:
-        """After a step that appended look-ahead rows: their outputs are the next drafts when every
-        draft before them was accepted (else they were conditioned on a rejected token).
+        """After a step that appended look-ahead rows: their outputs are the next drafts when they
+        continue the text the step left: after the drafts, when every draft was accepted; beside
+        them (branch), when none was (else they were conditioned on other tokens than the emitted).
 
         logits: # [num_lookahead, vocab] fp32, the request's look-ahead rows in order.
         Called before the step's tokens are appended to request.token_ids.
         """
-        valid = logits is not None and logits.shape[0] > 0 and result.num_accepted == result.num_draft
+        continues = 0 if self.mode == "branch" else result.num_draft  # drafts the rows come after
+        valid = logits is not None and logits.shape[0] > 0 and result.num_accepted == continues
         anchor = request.num_tokens + len(result.token_ids)
         if valid and self.refiner is not None:  # a chain: fused mode appends look-ahead rows after it
             self.refiner.redraft(request, pending(request, STATE_KEY), logits, result.token_ids, anchor, num_paths=1)

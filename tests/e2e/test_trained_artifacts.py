@@ -59,6 +59,7 @@ def test_serve_fails_at_start_on_another_models_artifact(start_server, tiny_mode
 @pytest.mark.parametrize("method,flags", [
     ("pass", ["--pass-mode", "fused", "--pass-lookahead", "3"]),
     ("pass", ["--pass-mode", "two_call", "--pass-lookahead", "3"]),
+    ("pass", ["--pass-mode", "branch", "--pass-lookahead", "3"]),  # look-ahead rows beside the drafts
     ("pass", ["--pass-lookahead", "3", "--refine-weight", "0"]),  # the look-ahead rows' own drafts
     ("bpd", []),
     ("bpd", ["--refine-paths", "2"]),  # refined drafts as a tree (2 best lattice paths)

@@ -66,6 +66,8 @@ def test_sampled_drafts_carry_their_q():
     ("fused", 3, 1, RowPlan(1, 2)),         # a cut chain re-drafts one deeper, so it can grow back
     ("two_call", 3, 3, RowPlan(3, 0)),      # the paper: a validation call drafts nothing
     ("fused", 3, 0, RowPlan(0, 0)),         # the controller says drafting does not pay
+    ("branch", None, 2, RowPlan(0, 2)),
+    ("branch", 3, 1, RowPlan(1, 3)),        # verify 1, and beside it draft for the step after a rejection
 ])
 def test_row_plans(mode, pending, keep, expected):
     proposer = PassProposer(torch.zeros(3, 4), mode)
@@ -86,6 +88,38 @@ def test_layout_appends_look_ahead_rows_after_the_chain():
     tree.parents = [-1, -1]
     with pytest.raises(ValueError, match="chain"):
         request_layout(ScheduledRequest(r, 1, tree, max_draft_tokens=5, num_lookahead=1))
+
+
+def test_branch_layout_puts_look_ahead_rows_beside_the_chain():
+    """--pass-mode branch: the rows continue the last real token (positions 10, 11), see the text and
+    each other only, and take the cache indices after the drafts, which see none of them."""
+    r = make_request(tokens=range(10))
+    r.num_computed_tokens = 9
+    r.block_ids = [0, 1, 2, 3]
+    lay = request_layout(ScheduledRequest(r, 1, chain([7, 8]), max_draft_tokens=5, num_lookahead=2,
+                                          lookahead_from_root=True))
+    assert lay.positions == [9, 10, 11, 10, 11] and lay.cache_indices == [9, 10, 11, 12, 13]
+    assert lay.sample_rows == [0, 1, 2] and lay.lookahead_rows == [3, 4] and lay.kv_len == 14
+    assert lay.tree_block == [[True, False, False, False, False], [True, True, False, False, False],
+                              [True, True, True, False, False], [True, False, False, True, False],
+                              [True, False, False, True, True]]
+    no_draft = request_layout(ScheduledRequest(r, 1, None, max_draft_tokens=5, num_lookahead=2,
+                                               lookahead_from_root=True))
+    assert no_draft.positions == [9, 10, 11] and no_draft.tree_block is None  # a drafting step: plain causal
+
+
+@pytest.mark.parametrize("mode,num_accepted,valid", [
+    ("fused", 2, True), ("fused", 0, False), ("branch", 0, True), ("branch", 1, False), ("branch", 2, False),
+])
+def test_look_ahead_rows_draft_only_for_the_text_they_continue(mode, num_accepted, valid):
+    """A step verified 2 drafts: rows after them (fused) hold for an all-accepted step, rows beside
+    them (branch) for an all-rejected one."""
+    proposer = PassProposer(torch.zeros(2, 4), mode=mode)
+    r = make_request()
+    tokens = [5, 6, 7][:num_accepted + 1]
+    proposer.observe_draft_rows(r, VerifyResult("r", tokens, 2, num_accepted, [0]), la_logits(8, 9))
+    r.token_ids += tokens
+    assert (proposer.propose([r], {"r": 5}) != {}) == valid
 
 
 def test_attach_gives_drafts_the_reserved_slots_first():
