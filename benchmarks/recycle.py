@@ -54,24 +54,25 @@ def generate(engine: LLMEngine, prompt: list[int], method: str, max_tokens: int,
 
 def run_abba(configs: dict[str, tuple[LLMEngine, str]], prompts: list[list[int]], max_tokens: int,
              rounds: int) -> tuple[dict, dict]:
-    """Every prompt alone through each configuration (label -> (engine, method)), the configurations in
-    ABBA order over the rounds (a slow spell of a shared host then falls on all of them). Returns
+    """Every prompt alone through each configuration (label -> (engine, method)). The configurations
+    take turns prompt by prompt, in ABBA order (forward for one prompt, backward for the next), so a
+    slow spell of a shared host, which lasts seconds to minutes here, falls on all of them. Returns
     (label -> summed tokens, seconds, drafts, accepted, steps; label -> the last round's outputs)."""
     totals = {label: {"tokens": 0, "seconds": 0.0, "drafts": 0, "accepted": 0, "steps": 0} for label in configs}
-    outputs: dict[str, list[list[int]]] = {}
+    outputs: dict[str, list[list[int]]] = {label: [None] * len(prompts) for label in configs}
     labels = list(configs)
     for rnd in range(rounds):
-        for label in labels[:: 1 if rnd % 2 == 0 else -1]:
-            engine, method = configs[label]
-            start = time.perf_counter()
-            outs = [generate(engine, p, method, max_tokens, f"{label}-{rnd}-{i}") for i, p in enumerate(prompts)]
-            t = totals[label]
-            t["seconds"] += time.perf_counter() - start
-            for o in outs:
-                t["tokens"] += len(o["tokens"])
+        for i, prompt in enumerate(prompts):
+            for label in labels[:: 1 if (rnd * len(prompts) + i) % 2 == 0 else -1]:
+                engine, method = configs[label]
+                start = time.perf_counter()
+                out = generate(engine, prompt, method, max_tokens, f"{label}-{rnd}-{i}")
+                t = totals[label]
+                t["seconds"] += time.perf_counter() - start
+                t["tokens"] += len(out["tokens"])
                 for key in ("drafts", "accepted", "steps"):
-                    t[key] += o[key]
-            outputs[label] = [o["tokens"] for o in outs]
+                    t[key] += out[key]
+                outputs[label][i] = out["tokens"]
     return totals, outputs
 
 

@@ -54,7 +54,8 @@ SPEED_CONFIGS = {
     "none": ("none", {}),
     "bpd unrefined": ("bpd", {"refine_weight": 0.0}), "bpd refined": ("bpd", {}),
     "pass unrefined": ("pass", {"refine_weight": 0.0}), "pass refined": ("pass", {}),
-    "pass refined, L 2": ("pass", {"pass_lookahead": 2}),
+    "pass refined, L 2": ("pass", {"pass_lookahead": 2}), "pass refined, fused": ("pass", {"pass_mode": "fused"}),
+    "pass refined, branch": ("pass", {"pass_mode": "branch"}),
 }
 
 
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--drafters", nargs="+", default=["bpd", "pass"], choices=["bpd", "pass"])
     ap.add_argument("--no-speed", action="store_true", help="the teacher-forced part only")
+    ap.add_argument("--no-acceptance", action="store_true", help="the speed part only")
+    ap.add_argument("--speed-configs", nargs="+", default=None, choices=list(SPEED_CONFIGS),
+                    help="the speed part's configurations (default: every one of --drafters; none always runs)")
     ap.add_argument("--out", default=str(RESULTS / "refine_cpu.json"))
     args = ap.parse_args()
 
@@ -135,7 +139,8 @@ def main() -> None:
         return LLMEngine(EngineConfig(model=DEFAULT_MODEL, spec="none", dtype=args.dtype,
                                       cache=CacheConfig(num_tokens=16384), **kw))
 
-    speed_configs = {label: c for label, c in SPEED_CONFIGS.items() if c[0] in ["none", *args.drafters]}
+    speed_configs = {label: c for label, c in SPEED_CONFIGS.items() if c[0] in ["none", *args.drafters]
+                     and (args.speed_configs is None or label in ["none", *args.speed_configs])}
     engines = {label: (engine(**flags), method) for label, (method, flags) in speed_configs.items()}
     plain = engines["none"][0]
     prompts = [plain.tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}])
@@ -150,7 +155,7 @@ def main() -> None:
     global_model = global_lm(vocab, [r.token_ids for r in data.train])  # never the held-out records
     rows = []
     for lattice, (drafter, num_rows) in LATTICES.items():
-        if drafter not in args.drafters:
+        if drafter not in args.drafters or args.no_acceptance:
             continue
         guesses = guess_rows(frozen, data.model_dir, drafter, num_rows)
         for name, texts in sets.items():
@@ -158,9 +163,10 @@ def main() -> None:
             for label, (weight, paths, use_global) in ACCEPTANCE_CONFIGS.items():
                 rows.append({"lattice": lattice, "text": name, "config": label, "positions": len(cases),
                              **acceptance(cases, weight, paths, global_model if use_global else None, vocab)})
-    print(f"Lattice rescoring, teacher-forced, {len(prompts)} Spec-Bench outputs ({args.max_tokens} tokens) "
-          f"and {len(sets['held_out_records'])} held-out greedy records; top-{TOP_K} per row")
-    print_table(rows, list(rows[0]))
+    if rows:
+        print(f"Lattice rescoring, teacher-forced, {len(prompts)} Spec-Bench outputs ({args.max_tokens} tokens) "
+              f"and {len(sets['held_out_records'])} held-out greedy records; top-{TOP_K} per row")
+        print_table(rows, list(rows[0]))
     speed_rows = [] if args.no_speed else speed(engines, prompts, args.max_tokens, args.rounds)
     if speed_rows:
         print(f"\nbatch 1, engine only, {args.dtype}, {len(prompts)} prompts x {args.rounds} rounds (ABBA), greedy")

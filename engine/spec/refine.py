@@ -21,7 +21,9 @@ records (the request's own text alone: 0.212 and 0.420; weight 0.5 / 2 gave less
 p = 2 best paths as a tree gave 0.264 for 3.5 nodes instead of 2, so one path is the default. Served
 at batch 1 (fp32, engine only) the draft controller then kept more drafts: 1.08x `none` against the
 unrefined heads' 1.02x, outputs identical. In int8, where a verify row costs more of a shorter step,
-neither paid (0.97x / 0.98x).
+neither paid (0.97x / 0.98x). PaSS's single look-ahead row (session 24, benchmarks/refine.py,
+results/refine_cpu.txt): 0.224 -> 0.327 accepted drafts per step on Spec-Bench outputs, 0.234 ->
+0.388 held out; at batch 1, fp32, 1.16x `none` over HTTP (unrefined: 1.06x in session 18).
 
 Greedy requests draft the best path. Sampled requests draw each draft from the head's own sampling
 distribution (temperature, top-k, top-p) reweighted by LM^weight over its top-k tokens, one position
