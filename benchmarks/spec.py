@@ -203,7 +203,7 @@ def main() -> None:
                     help="main servers (none: PaSS variants only)")
     ap.add_argument("--server-args", default="", help="extra `specd serve` flags, quoted")
     ap.add_argument("--pass-variants", nargs="*", default=[],
-                    help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call : L)")
+                    help="extra PaSS servers, EMBEDDINGS:MODE[:L] (trained|untrained|PATH : fused|two_call|branch : L)")
     ap.add_argument("--request-rates", type=float, nargs="*", default=[],
                     help="open-loop loads too: mixed prompts arriving as a Poisson process of R requests/s")
     ap.add_argument("--workload", choices=["mixed", "per-category"], default="mixed",
