@@ -31,7 +31,6 @@ from engine.types import DraftTree, Request, ScheduledRequest, SchedulerOutput, 
 from engine.verifier import emitted_rows, verify
 
 
-
 @dataclass
 class Verified:
     """One request's outcome of a verify step."""
@@ -193,6 +192,8 @@ class Speculator:
         self.pads_kv = config.spec_layout == "padded-kv"
         self.controller = DraftController(adaptive=config.spec_adaptive, fairness=config.spec_fairness)
         self.proposers = build_proposers(config, model_dir)
+        pass_proposer = self.proposers.get("pass")
+        self._lookahead_from_root = pass_proposer is not None and pass_proposer.mode == "branch"
         self._proposals: dict[str, DraftTree] = {}
         self._plan: dict[str, int] = {}
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
@@ -328,10 +329,9 @@ class Speculator:
         """Attach drafts; in the padded layout fill every draft up to its reservation with filler
         nodes. Returns request_id -> real draft length for `unpad`."""
         attach_drafts(sched, self._proposals, self._lookahead)
-        branch = "pass" in self.proposers and self.proposers["pass"].mode == "branch"
         for s in sched.scheduled:
             s.draft_heads = s.samples and s.request.request_id in self._heads
-            s.lookahead_from_root = branch and s.num_lookahead > 0
+            s.lookahead_from_root = self._lookahead_from_root and s.num_lookahead > 0
         real = {s.request.request_id: len(s.draft) if s.draft is not None else 0 for s in sched.scheduled}
         if self.padded:
             for s in sched.scheduled:

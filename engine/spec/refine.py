@@ -202,10 +202,10 @@ class Refiner:
         context = request.token_ids[-(ORDER - 1):] + emitted
         state.q, state.parents, state.anchor = None, None, anchor
         weight, top_k = self.config.weight, self.config.top_k
+        num_paths = self.config.num_paths if num_paths is None else min(num_paths, self.config.num_paths)
         if request.sampling.greedy:
             top = logits.float().topk(top_k, dim=-1)  # best_paths: no log-softmax needed
-            paths = best_paths(top.values, top.indices, lm, context, weight,
-                               min(num_paths or self.config.num_paths, self.config.num_paths))
+            paths = best_paths(top.values, top.indices, lm, context, weight, num_paths)
             state.drafts, parents = trie(paths)
             state.parents = None if len(paths) == 1 else parents
         else:
