@@ -52,6 +52,14 @@ def generate(engine: LLMEngine, prompt: list[int], method: str, max_tokens: int,
     return out
 
 
+def add_abba_args(ap: argparse.ArgumentParser) -> None:
+    """The flags of an engine-only batch-1 comparison (run_abba): prompts, length, dtype, rounds."""
+    ap.add_argument("--per-category", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--rounds", type=int, default=2)
+
+
 def run_abba(configs: dict[str, tuple[LLMEngine, str]], prompts: list[list[int]], max_tokens: int,
              rounds: int) -> tuple[dict, dict]:
     """Every prompt alone through each configuration (label -> (engine, method)). The configurations
@@ -84,10 +92,7 @@ def mean_nll(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--per-category", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--rounds", type=int, default=2)
+    add_abba_args(ap)
     ap.add_argument("--artifact", default=None, help="recycle artifact (default: the committed one)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                     help="configurations to run (none always runs: the others are measured against it)")

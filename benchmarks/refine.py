@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_spec_bench, print_table, write_results  # noqa: E402
-from benchmarks.recycle import generate, run_abba  # noqa: E402
+from benchmarks.recycle import add_abba_args, generate, run_abba  # noqa: E402
 from engine.config import DEFAULT_MODEL, CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.spec.bpd import head_outputs  # noqa: E402
@@ -123,10 +123,7 @@ def speed(engines: dict, prompts: list[list[int]], max_tokens: int, rounds: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--per-category", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--rounds", type=int, default=2)
+    add_abba_args(ap)
     ap.add_argument("--drafters", nargs="+", default=["bpd", "pass"], choices=["bpd", "pass"])
     ap.add_argument("--no-speed", action="store_true", help="the teacher-forced part only")
     ap.add_argument("--no-acceptance", action="store_true", help="the speed part only")
