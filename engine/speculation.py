@@ -199,7 +199,6 @@ class Speculator:
         self._lookahead: dict[str, int] = {}  # request_id -> PaSS look-ahead rows this step
         self._heads: set[str] = set()  # requests whose sampled rows get the BPD heads this step
         self.unverified: set[str] = set()  # requests whose drafts are kept without verification (--recycle-lossy)
-        self._rows_per_draft = {m: p.rows_per_draft for m, p in self.proposers.items() if hasattr(p, "rows_per_draft")}
 
     @property
     def lookahead_embeds(self) -> torch.Tensor | None:
@@ -254,7 +253,7 @@ class Speculator:
             method = self.method_of(r)
             if method != "none" and _decoding(r):
                 by_method.setdefault(method, []).append(r)
-        self._proposals, self._lookahead, self._heads, offers, limits = {}, {}, set(), {}, {}
+        self._proposals, self._lookahead, self._heads, offers, limits, rows = {}, {}, set(), {}, {}, {}
         self.unverified = set()
         for method, requests in by_method.items():
             proposer = self.proposers[method]
@@ -270,9 +269,10 @@ class Speculator:
                 if offer:
                     weights = proposer.node_weights(r, tree) if hasattr(proposer, "node_weights") else None
                     offers[r.request_id] = (r, method, offer, weights)
+                    rows[r.request_id] = proposer.rows_per_draft(tree) if hasattr(proposer, "rows_per_draft") else 1.0
         # every decoding request counts, a `none` one too: the plan must stay fair to it (controller.py)
         decoding = [r for r in running if _decoding(r)]
-        self._plan = self.controller.plan(offers, len(decoding), self._rows_per_draft,
+        self._plan = self.controller.plan(offers, len(decoding), rows,
                                           sum(r.num_tokens for r in decoding)) if offers else {}
         for r in by_method.get("pass", []):
             self._plan_lookahead(r, limits[r.request_id], max_model_len)

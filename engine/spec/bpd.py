@@ -80,7 +80,8 @@ class BpdProposer:
     """Drafts what the heads guessed at the row that emitted the request's last token."""
 
     name = "bpd"
-    rows_per_draft = ROWS_PER_DRAFT
+    def rows_per_draft(self, proposal: DraftTree | None) -> float:
+        return ROWS_PER_DRAFT
 
     def __init__(self, heads: DraftHeads, refiner: Refiner | None = None):
         self.heads = heads

@@ -52,6 +52,7 @@ PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each re
 ONLINE_RATE = 0.1  # weight of one observed decode step in the cost curve
 EXPLORE_ALPHA = 0.5  # the estimate a request is given when it has nothing of its own to go on
 EXPLORE_AFTER = 8  # offers without a verified draft before a request retries; draftless plans before a probe
+PROBE_PENDING = "probe_pending"  # request.state key: probed, nothing verified yet (DraftController._finish_probes)
 # Default least expected rate, over its plain rate, a plan may leave any decoding request. 0.96 kept
 # every Spec-Bench category of ngram and jacobi at >= 0.95x `none` in 5 of 12 pooled method-runs at 8
 # and 16 clients (fp32); 0.99 did in 11 of 12 (three runs of each; the other at 0.94x), at 0.99-1.06x
@@ -200,6 +201,7 @@ class DraftController:
         if draft_depth == 0:
             return
         request.state["draft_idle_steps"] = 0
+        request.state.pop(PROBE_PENDING, None)
         request.state.setdefault("acceptance", AcceptanceStats()).record(draft_depth, num_accepted)
         self.method_stats.setdefault(method, AcceptanceStats()).record(draft_depth, num_accepted)
 
@@ -214,7 +216,8 @@ class DraftController:
         num_base_rows: the step's decoding requests, with or without proposals (one row each), and
         base_key_rows the context keys their rows attend to (each request reads its own). A draft row
         attends to its request's keys, read once for all of the request's rows.
-        rows_per_draft: rows one draft of a method costs (default 1; PaSS pays a look-ahead row too).
+        rows_per_draft: request_id -> rows one of its drafts costs (default 1; a PaSS draft not yet
+        made pays a look-ahead row too: the proposer's `rows_per_draft`).
         """
         if not self.adaptive:
             return {rid: len(entry[2]) for rid, entry in proposals.items()}
@@ -223,12 +226,14 @@ class DraftController:
         keep: dict[str, int] = {}
         for _, _, rid, _ in gains[:best_count]:
             keep[rid] = keep.get(rid, 0) + 1
+        self._finish_probes(proposals, keep)
         self._plans_since_draft = 0 if keep else self._plans_since_draft + 1
         if self._plans_since_draft > EXPLORE_AFTER:  # a probe: the curve learns only from rows it sees
             probe = next((rid for _, _, rid, _ in gains
                           if proposals[rid][0].state.get("draft_idle_steps", 0) >= EXPLORE_AFTER), None)
             if probe is not None:
                 keep[probe] = 1
+                proposals[probe][0].state[PROBE_PENDING] = True
                 self._plans_since_draft = 0
         # Idle steps end when drafts are verified (record), not when they are planned. A PaSS
         # two_call retry plans a drafting step (look-ahead rows, nothing verified), and its drafts
@@ -241,13 +246,23 @@ class DraftController:
                 request.state["draft_idle_steps"] = request.state.get("draft_idle_steps", 0) + 1
         return keep
 
+    @staticmethod
+    def _finish_probes(proposals: dict[str, tuple], keep: dict[str, int]) -> None:
+        """A probe whose request had no drafts yet (PaSS two_call, BPD) paid for drafting them: verify
+        one of them now, or the probe teaches nothing. Left to the plan, which judges them as before,
+        the validation was refused at 8 clients in int8, so every probe cost a look-ahead row and
+        nothing was ever verified. A probe verified in its own step was recorded, which ends it."""
+        for rid, (request, *_) in proposals.items():
+            if request.state.pop(PROBE_PENDING, False):
+                keep[rid] = max(keep.get(rid, 0), 1)
+
     def _node_gains(self, proposals: dict[str, tuple], rows_per_draft: dict[str, float]) -> list[tuple]:
         """(expected tokens, rows, request_id, context keys its rows read) per proposed node, best
         tokens per row first; each request's nodes in proposal order, non-increasing."""
         gains = []
         for rid, (request, method, depths, *optional) in proposals.items():
             alpha = self.alpha(request, method)
-            rows = rows_per_draft.get(method, 1.0)
+            rows = rows_per_draft.get(rid, 1.0)
             node_weights = optional[0] if optional and optional[0] is not None else [1.0] * len(depths)
             gain = float("inf")
             for depth, weight in zip(depths, node_weights):

@@ -107,7 +107,8 @@ class RecycleProposer:
     """Drafts, after the controller's plan, from each request's last emitting row and last token."""
 
     name = "recycle"
-    rows_per_draft = ROWS_PER_DRAFT
+    def rows_per_draft(self, proposal: DraftTree | None) -> float:
+        return ROWS_PER_DRAFT
 
     def __init__(self, module: RecycleModule, max_depth: int, lossy: bool = False):
         self.module = module

@@ -176,10 +176,10 @@ def test_a_pass_retry_is_still_a_retry_when_its_drafts_come_up_for_validation():
     offer = {"r": (request, "pass", [1])}
     validations = 0
     for _ in range(60):
-        drafting = controller.plan(offer, num_base_rows=1, rows_per_draft={"pass": 2.0}).get("r", 0)
+        drafting = controller.plan(offer, num_base_rows=1, rows_per_draft={"r": 2.0}).get("r", 0)
         controller.record(request, "pass", 0, 0)  # the drafting step verifies nothing
         if drafting:
-            kept = controller.plan(offer, num_base_rows=1, rows_per_draft={"pass": 2.0}).get("r", 0)
+            kept = controller.plan(offer, num_base_rows=1, rows_per_draft={"r": 2.0}).get("r", 0)
             controller.record(request, "pass", kept, 0)
             validations += bool(kept)
             assert kept, "the retry's validation was refused"
@@ -218,8 +218,36 @@ def test_probes_are_paced_for_the_whole_batch():
             controller.record(r, "ngram", 5, 0)
     offers = {r.request_id: (r, "ngram", [1, 2, 3]) for r in requests}
     steps = 10 * (EXPLORE_AFTER + 1)
-    probes = sum(sum(controller.plan(offers, num_base_rows=8).values()) for _ in range(steps))
+    probes = 0
+    for _ in range(steps):
+        plan = controller.plan(offers, num_base_rows=8)
+        for rid, kept in plan.items():  # the engine verifies (and records) what was planned
+            controller.record(offers[rid][0], "ngram", kept, 0)
+        probes += sum(plan.values())
     assert 1 <= probes <= steps // (EXPLORE_AFTER + 1), probes
+
+
+def test_a_probe_that_only_drafted_verifies_its_drafts_the_next_step():
+    """PaSS two_call (and BPD) probe with a drafting step: nothing is verified in it, so the next plan
+    verifies one of its drafts even though the curve still says drafts do not pay; once that is
+    recorded, the plans go back to refusing."""
+    from engine.spec.controller import EXPLORE_AFTER
+
+    controller = DraftController(StepCostModel({1: 1.0, 128: 128.0}))  # every row doubles the step
+    request = make_request("r")
+    for _ in range(10):
+        controller.record(request, "pass", 1, 0)
+    offer = {"r": (request, "pass", [1])}
+    plans = []
+    for _ in range(3 * (EXPLORE_AFTER + 2)):
+        kept = controller.plan(offer, num_base_rows=1, rows_per_draft={"r": 2.0}).get("r", 0)
+        drafting = not plans or not plans[-1] or plans[-1] == "verify"
+        plans.append("draft" if kept and drafting else "verify" if kept else 0)
+        controller.record(request, "pass", 1 if plans[-1] == "verify" else 0, 0)
+    probes = [i for i, p in enumerate(plans) if p == "draft" and i + 2 < len(plans)]
+    assert len(probes) >= 2, plans
+    for i in probes:  # the step after each drafting probe verifies, and the one after that refuses
+        assert plans[i + 1] == "verify" and plans[i + 2] == 0, plans
 
 
 def test_draft_rows_pay_for_the_keys_they_attend_to():

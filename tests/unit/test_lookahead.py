@@ -136,4 +136,14 @@ def test_controller_prices_a_pass_draft_at_two_rows():
     # No record yet: alpha 0.5. The first draft gains 0.5 token for 0.25 more cost at 1 row per
     # draft (rate 1.2 > 1), but for 0.5 at 2 rows (rate 1.0, no gain): PaSS must not draft there.
     assert controller.plan(offers, 1) == {"r": 1}
-    assert controller.plan(offers, 1, {"pass": 2.0}) == {}
+    assert controller.plan(offers, 1, {"r": 2.0}) == {}
+
+
+@pytest.mark.parametrize("mode,rows_to_draft,rows_to_validate", [
+    ("two_call", 2.0, 1.0),  # the drafting step's look-ahead row is paid for by validation time
+    ("fused", 3.0, 3.0), ("branch", 2.5, 2.5),  # every verify pass drafts the next step's rows too
+])
+def test_a_pass_draft_is_charged_the_rows_still_to_pay(mode, rows_to_draft, rows_to_validate):
+    proposer = PassProposer(torch.zeros(2, 4), mode)
+    assert proposer.rows_per_draft(None) == rows_to_draft
+    assert proposer.rows_per_draft(chain([1])) == rows_to_validate
