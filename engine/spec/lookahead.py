@@ -96,8 +96,8 @@ class PassProposer:
 
     def rows_per_draft(self, proposal: DraftTree | None) -> float:
         """What one draft of this offer costs from now on. A two_call validation's look-ahead row was
-        paid for in the drafting step: charging it again refused validations whose drafts had cost a
-        row already (at 8 clients in int8, 40-54 look-ahead rows per ~250 steps for 2-19 drafts verified)."""
+        paid for in the drafting step: charging it again made the controller refuse validations whose
+        drafts it had already paid a row for (the marginal price is the verify row alone)."""
         if self.mode == "two_call" and proposal is not None:
             return 1.0
         return ROWS_PER_DRAFT[self.mode]
