@@ -41,10 +41,13 @@ from engine.train.pass_ import lookahead_logits  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ARTIFACTS_DIR / "pass" / f"{DEFAULT_MODEL}.data.jsonl"
 # label -> (LM weight, paths, global LM): what the teacher-forced part compares
+# label -> (LM weight, paths, global LM, LM candidates per row)
 ACCEPTANCE_CONFIGS = {
-    "unrefined": (0.0, 1, False), "own text, w 1": (1.0, 1, False), "own + global, w 0.5": (0.5, 1, True),
-    "own + global, w 1": (1.0, 1, True), "own + global, w 2": (2.0, 1, True),
-    "own + global, w 1, 2 paths": (1.0, 2, True),
+    "unrefined": (0.0, 1, False, 0), "own text, w 1": (1.0, 1, False, 0), "own + global, w 1": (1.0, 1, True, 0),
+    "own + global, w 2": (2.0, 1, True, 0), "own + global, w 1, 2 paths": (1.0, 2, True, 0),
+    "+ 4 LM candidates, w 1": (1.0, 1, True, 4), "+ 4 LM candidates, w 2": (2.0, 1, True, 4),
+    "+ 4 LM candidates, w 3": (3.0, 1, True, 4), "+ 4 LM candidates, w 2, 2 paths": (2.0, 2, True, 4),
+    "LM alone (no rows)": (None, 1, True, 4),
 }
 TOP_K = RefineConfig().top_k
 # drafter -> rows per position the teacher-forced part drafts from (bpd: its 2 heads; pass: L = 1 and 2)
@@ -56,6 +59,8 @@ SPEED_CONFIGS = {
     "pass unrefined": ("pass", {"refine_weight": 0.0}), "pass refined": ("pass", {}),
     "pass refined, L 2": ("pass", {"pass_lookahead": 2}), "pass refined, fused": ("pass", {"pass_mode": "fused"}),
     "pass refined, branch": ("pass", {"pass_mode": "branch"}),
+    "bpd refined, rows' top 4 only": ("bpd", {"refine_lm_candidates": 0}),
+    "pass refined, rows' top 4 only": ("pass", {"refine_lm_candidates": 0}),
 }
 
 
@@ -77,30 +82,48 @@ def guess_rows(frozen: FrozenLlama, model_dir: Path, drafter: str, num_rows: int
 
 
 def lattice_cases(rows, texts: list[tuple[list[int], int]], num_rows: int) -> list[tuple]:
-    """(text before the emitted token, emitted token, the rows' top-k logits, tokens, the num_rows
-    greedy tokens after the emitted one) per output position whose emitted token is the greedy one."""
+    """(text before the emitted token, emitted token, the rows' logits # [num_rows, vocab], the
+    num_rows greedy tokens after the emitted one) per output position whose emitted token is the
+    greedy one."""
     cases = []
     for ids, first in texts:  # first: the row that emits the first output token
         greedy, logits = rows(ids)
-        top, greedy = logits.topk(TOP_K, -1), greedy.tolist()
+        greedy = greedy.tolist()
         for j in range(first, len(ids) - 1 - num_rows):
             if greedy[j] == ids[j + 1]:
-                cases.append((ids[:j + 1], ids[j + 1], top.values[j], top.indices[j], greedy[j + 1:j + 1 + num_rows]))
+                cases.append((ids[:j + 1], ids[j + 1], logits[j], greedy[j + 1:j + 1 + num_rows]))
     return cases
 
 
-def acceptance(cases: list[tuple], weight: float, num_paths: int, base: NgramLM | None, vocab: int) -> dict:
+def acceptance(cases: list[tuple], weight: float | None, num_paths: int, base: NgramLM | None, vocab: int,
+               lm_candidates: int) -> dict:
+    """Accepted drafts per step of the refined lattice; weight None: the LM's own greedy chain alone
+    (what an n-gram drafter with the same LM would draft, for comparison)."""
     accepted = nodes = 0
     lm, lm_text = None, None
-    for before, emitted, logits, tokens, labels in cases:
+    for before, emitted, logits, labels in cases:
         if lm_text is None or before[:len(lm_text)] != lm_text:  # a new text: a new request's LM
             lm = NgramLM(vocab, base=base)
         lm.extend(before)
         lm_text = before
-        paths = best_paths(logits, tokens, lm, before[-(ORDER - 1):] + [emitted], weight, num_paths)
+        context = before[-(ORDER - 1):] + [emitted]
+        if weight is None:
+            paths = [_lm_chain(lm, context, len(logits))]
+        else:
+            paths = best_paths(logits, lm, context, weight, num_paths, TOP_K, lm_candidates)
         accepted += max(_prefix_match(path, labels) for path in paths)
         nodes += len({tuple(path[:i + 1]) for path in paths for i in range(len(path))})
     return {"accepted_per_step": round(accepted / len(cases), 4), "nodes_per_step": round(nodes / len(cases), 3)}
+
+
+def _lm_chain(lm: NgramLM, context: list[int], length: int) -> list[int]:
+    chain: list[int] = []
+    for _ in range(length):
+        best = lm.candidates(context + chain, 1)
+        if not best:
+            break
+        chain += best
+    return chain
 
 
 def _prefix_match(path: list[int], labels: list[int]) -> int:
@@ -157,9 +180,10 @@ def main() -> None:
         guesses = guess_rows(frozen, data.model_dir, drafter, num_rows)
         for name, texts in sets.items():
             cases = lattice_cases(guesses, texts, num_rows)
-            for label, (weight, paths, use_global) in ACCEPTANCE_CONFIGS.items():
+            for label, (weight, paths, use_global, lm_candidates) in ACCEPTANCE_CONFIGS.items():
                 rows.append({"lattice": lattice, "text": name, "config": label, "positions": len(cases),
-                             **acceptance(cases, weight, paths, global_model if use_global else None, vocab)})
+                             **acceptance(cases, weight, paths, global_model if use_global else None, vocab,
+                                          lm_candidates)})
     if rows:
         print(f"Lattice rescoring, teacher-forced, {len(prompts)} Spec-Bench outputs ({args.max_tokens} tokens) "
               f"and {len(sets['held_out_records'])} held-out greedy records; top-{TOP_K} per row")

@@ -159,16 +159,23 @@ class EngineConfig:
     """two_call (the paper's draft, then verify) | fused (look-ahead rows ride in the verify pass, after
     the drafts) | branch (they ride in it beside the drafts, after the last real token; see
     engine/spec/lookahead.py). two_call by measurement on the dev CPU (benchmarks/results/pass_cpu.txt)."""
-    pass_lookahead: int = 1
-    """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 1 by
-    measurement for the default model: its 2nd look-ahead draft is right after a right 1st one for
-    under 2% of held-out roots (artifacts/README.md); refined, L 2 earns more per step but ran 1.07x
-    `none` against L 1's 1.16x at batch 1 (benchmarks/results/refine_cpu.txt)."""
+    pass_lookahead: int = 2
+    """PaSS look-ahead rows per step, L (at most the artifact's; --num-draft-tokens caps it too). 2 by
+    measurement for the default model. Unrefined, its 2nd look-ahead draft is right after a right 1st
+    one for under 2% of held-out roots (artifacts/README.md), and refined over the rows' top 4 alone
+    L 2 ran 1.07x `none` against L 1's 1.16x; with the LM's candidates in the lattice L 2 accepts 0.88
+    drafts per validation against L 1's 0.53 (teacher-forced) and ran 1.30x against 1.25x at batch 1
+    (fp32, engine only; benchmarks/results/refine_cpu.txt)."""
     bpd_artifact: str | None = None
     """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
-    refine_weight: float = 1.0
+    refine_weight: float = 3.0
     """The n-gram LM's weight when BPD and PaSS drafts are refined (engine/spec/refine.py); 0: the
-    heads' and look-ahead rows' own drafts. 1 by teacher-forced measurement (benchmarks/refine.py)."""
+    heads' and look-ahead rows' own drafts. 3 by teacher-forced measurement (benchmarks/refine.py):
+    with the LM's own candidates in the lattice, 1 / 2 / 3 accepted 0.48 / 0.52 / 0.53 PaSS drafts
+    per step and 0.39 / 0.61 / 0.74 BPD ones (rows' top 4 alone: 1 and 2 the same, 0.33 and 0.23)."""
+    refine_lm_candidates: int = 4
+    """Each lattice row offers the n-gram LM's likeliest next tokens too, beside the row's own top 4
+    (engine/spec/refine.py); 0: the paper's lattice of the rows' top-k alone."""
     refine_paths: int = 1
     """Best lattice paths a refined BPD request drafts, as a tree (the paper's p-best); 1: a chain.
     PaSS always drafts one (its fused mode appends look-ahead rows after a chain)."""
@@ -206,8 +213,8 @@ class EngineConfig:
             raise ValueError(f"--spec {self.spec} is not available with --spec-layout {self.spec_layout}")
         if not 0.0 <= self.spec_fairness <= 1.0:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
-        if self.refine_weight < 0 or self.refine_paths < 1:
-            raise ValueError("refine_weight must be >= 0 and refine_paths >= 1")
+        if self.refine_weight < 0 or self.refine_paths < 1 or self.refine_lm_candidates < 0:
+            raise ValueError("refine_weight must be >= 0, refine_paths >= 1 and refine_lm_candidates >= 0")
         if not 0 <= self.num_draft_tokens <= 64:
             raise ValueError("num_draft_tokens must be between 0 and 64")
 

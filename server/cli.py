@@ -78,6 +78,9 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-weight", type=float, default=EngineConfig.refine_weight,
                    help="bpd and pass: weight of the n-gram LM that rescores the drafts' top-k lattice "
                         "(0: the heads' and look-ahead rows' argmax)")
+    p.add_argument("--refine-lm-candidates", type=int, default=EngineConfig.refine_lm_candidates,
+                   help="bpd and pass: the n-gram LM's likeliest next tokens each lattice row offers beside "
+                        "its own top 4 (0: the rows' top 4 alone)")
     p.add_argument("--refine-paths", type=int, default=EngineConfig.refine_paths,
                    help="bpd: best lattice paths drafted as a tree (1: a chain)")
     p.add_argument("--refine-ngram-data", default=None,
@@ -123,6 +126,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
         bpd_artifact=args.bpd_artifact, refine_weight=args.refine_weight, refine_paths=args.refine_paths,
+        refine_lm_candidates=args.refine_lm_candidates,
         refine_ngram_data=args.refine_ngram_data, recycle_artifact=args.recycle_artifact,
         recycle_lossy=args.recycle_lossy,
         cache=CacheConfig(block_size=args.block_size, num_tokens=args.kv_cache_tokens, dtype=args.kv_cache_dtype),

@@ -25,14 +25,26 @@ neither paid (0.97x / 0.98x). PaSS's single look-ahead row (session 24, benchmar
 results/refine_cpu.txt): 0.224 -> 0.327 accepted drafts per step on Spec-Bench outputs, 0.234 ->
 0.388 held out; at batch 1, fp32, 1.16x `none` over HTTP (unrefined: 1.06x in session 18).
 
+The lattice is wider than the paper's: each row offers its own top-k tokens and the LM's
+`lm_candidates` likeliest next tokens after the path so far, each scored by the row's logit for it
+plus the LM's. Why: a row blind to the token before it often ranks the right token below its top 4,
+and the LM, which knows that token, is right more often than the row (session 25, teacher-forced,
+Spec-Bench outputs, weight 3): PaSS L 1 0.327 -> 0.529 accepted drafts per step, L 2 0.378 -> 0.884,
+BPD's 2 heads 0.225 -> 0.743. What the rows add to the LM: its own greedy chain alone accepts 0.460
+(1 draft) and 0.783 (2 drafts), so the look-ahead rows add 0.07-0.10 per step, and BPD's heads,
+whose logits are sharper, take 0.04 away; `--refine-lm-candidates 0` serves the paper's lattice.
+Served at batch 1 (fp32, engine only, 18 prompts x 2 rounds): PaSS L 1 1.25x `none` (rows' top 4
+alone: 1.18x), L 2 1.30x, BPD 1.32x (1.08x before), outputs identical.
+
 Greedy requests draft the best path. Sampled requests draw each draft from the head's own sampling
-distribution (temperature, top-k, top-p) reweighted by LM^weight over its top-k tokens, one position
-after another (the next position's LM is conditioned on the drawn token); that reweighted row is the
-draft's q, so the verifier's min(1, p/q) test keeps the output distribution exact.
+distribution (temperature, top-k, top-p) reweighted by LM^weight over its top-k tokens and the LM's
+candidates that the request may sample, one position after another (the next position's LM is
+conditioned on the drawn token); that reweighted row is the draft's q, so the verifier's
+min(1, p/q) test keeps the output distribution exact.
 """
 from __future__ import annotations
 
-import itertools
+import heapq
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +94,18 @@ class NgramLM:
             following[token] = following.get(token, 0) + 1
             self.totals[context] = self.totals.get(context, 0) + 1
 
+    def candidates(self, context: list[int], num: int) -> list[int]:
+        """Up to `num` likely next tokens, likeliest first: the most frequent after the longest history
+        (at least one token) that this LM, and its base, has seen end like `context`."""
+        found: set[int] = set()
+        for lm in (self, self.base):
+            for n in range(min(self.order - 1, len(context)), 0, -1) if lm is not None else ():
+                following = lm.counts.get(tuple(context[len(context) - n:]))
+                if following:
+                    found.update(heapq.nlargest(num, following, key=following.get))
+                    break
+        return heapq.nlargest(num, found, key=lambda token: self.prob(context, token))
+
     def prob(self, context: list[int], token: int) -> float:
         """p(token | the last order - 1 tokens of context)."""
         p = self.base.prob(context, token) if self.base is not None else 1.0 / self.vocab_size
@@ -105,20 +129,23 @@ class RefineConfig:
     """The LM's log-probability weight against the heads' (0: the heads' argmax, unrefined)."""
     num_paths: int = 1
     """Best paths kept as a tree (the paper's p-best); 1: a chain."""
+    lm_candidates: int = 0
+    """The LM's own likeliest next tokens added to each head's top_k (0: the paper's lattice)."""
 
     def __post_init__(self):
-        if self.top_k < 1 or self.num_paths < 1 or self.weight < 0:
-            raise ValueError("top_k >= 1, num_paths >= 1 and weight >= 0 are required")
+        if self.top_k < 1 or self.num_paths < 1 or self.weight < 0 or self.lm_candidates < 0:
+            raise ValueError("top_k >= 1, num_paths >= 1, weight >= 0 and lm_candidates >= 0 are required")
 
 
-def best_paths(logits: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, context: list[int],
-               weight: float, num_paths: int) -> list[list[int]]:
-    """The num_paths best paths through the lattice, best first. logits, token_ids # [K, k]: each
-    head's top-k logits (or log-probabilities: a path takes one token per head, so each head's
-    normaliser adds the same to every path and the ranking is the same without the log-softmax over
-    the vocabulary) and tokens. Every path is scored (k^K: 16 for the default 2 heads of 4), so the
-    result is exact, not a beam's."""
-    values, tokens = logits.tolist(), token_ids.tolist()
+def best_paths(logits: torch.Tensor, lm: NgramLM, context: list[int], weight: float, num_paths: int,
+               top_k: int, lm_candidates: int = 0) -> list[list[int]]:
+    """The num_paths best paths through the lattice, best first. logits # [K, vocab]: each head's row
+    (raw logits or log-probabilities: a path takes one token per head, so each head's normaliser
+    adds the same to every path and the ranking is the same without the log-softmax). Row i offers
+    its top_k tokens plus the LM's lm_candidates likeliest tokens after the path so far. Every path
+    is scored ((top_k + lm_candidates)^K at most: 64 for the default 2 heads), so the result is
+    exact, not a beam's."""
+    tops = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices.tolist()
     lm_logp: dict[tuple[int, ...], float] = {}  # memo: a prefix's last token given the text before it
 
     def lm_score(prefix: tuple[int, ...]) -> float:
@@ -127,10 +154,19 @@ def best_paths(logits: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, conte
             score = lm_logp[prefix] = math.log(lm.prob(context + list(prefix[:-1]), prefix[-1]))
         return score
 
+    def paths(prefix: tuple[int, ...]):
+        if len(prefix) == len(tops):
+            yield prefix
+            return
+        tokens = dict.fromkeys(tops[len(prefix)])  # ordered, without repeats
+        if lm_candidates:
+            tokens.update(dict.fromkeys(lm.candidates(context + list(prefix), lm_candidates)))
+        for token in tokens:
+            yield from paths(prefix + (token,))
+
     scored = []
-    for choice in itertools.product(range(len(tokens[0])), repeat=len(tokens)):
-        path = tuple(tokens[i][c] for i, c in enumerate(choice))
-        score = sum(values[i][c] for i, c in enumerate(choice))
+    for path in paths(()):
+        score = sum(float(logits[i, token]) for i, token in enumerate(path))
         if weight:
             score += weight * sum(lm_score(path[:i + 1]) for i in range(len(path)))
         scored.append((-score, path))
@@ -139,16 +175,20 @@ def best_paths(logits: torch.Tensor, token_ids: torch.Tensor, lm: NgramLM, conte
 
 
 def sample_path(probs: torch.Tensor, lm: NgramLM, context: list[int], weight: float, top_k: int,
-                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
+                generator: torch.Generator | None, lm_candidates: int = 0) -> tuple[list[int], torch.Tensor]:
     """Draw one draft per head row from its sampling distribution reweighted by LM^weight over its
-    top_k tokens, each conditioned on the draws before it. probs # [K, vocab] (the request's own
-    temperature / top-k / top-p applied). Returns (drafts, q # [K, vocab]: each draft's distribution)."""
+    top_k tokens and the LM's lm_candidates likeliest (those the request may sample: p > 0), each
+    conditioned on the draws before it. probs # [K, vocab] (the request's own temperature / top-k /
+    top-p applied). Returns (drafts, q # [K, vocab]: each draft's distribution)."""
     drafts: list[int] = []
     q = torch.zeros_like(probs)
     for i in range(probs.shape[0]):
-        top = probs[i].topk(min(top_k, probs.shape[1]))
-        keep = top.values > 0
-        ids, p = top.indices[keep], top.values[keep].double()
+        tokens = dict.fromkeys(probs[i].topk(min(top_k, probs.shape[1])).indices.tolist())
+        if lm_candidates:
+            tokens.update(dict.fromkeys(lm.candidates(context + drafts, lm_candidates)))
+        ids = torch.tensor(list(tokens), dtype=torch.long)
+        p = probs[i, ids].double()
+        ids, p = ids[p > 0], p[p > 0]
         lm_p = torch.tensor([lm.prob(context + drafts, int(t)) for t in ids.tolist()], dtype=torch.float64)
         w = p * lm_p ** weight
         q[i, ids] = (w / w.sum()).to(q.dtype)
@@ -204,13 +244,13 @@ class Refiner:
         weight, top_k = self.config.weight, self.config.top_k
         num_paths = self.config.num_paths if num_paths is None else min(num_paths, self.config.num_paths)
         if request.sampling.greedy:
-            top = logits.float().topk(top_k, dim=-1)  # best_paths: no log-softmax needed
-            paths = best_paths(top.values, top.indices, lm, context, weight, num_paths)
+            paths = best_paths(logits.float(), lm, context, weight, num_paths, top_k, self.config.lm_candidates)
             state.drafts, parents = trie(paths)
             state.parents = None if len(paths) == 1 else parents
         else:
             probs = probs_from_logits(logits.float(), [request.sampling] * logits.shape[0])
-            state.drafts, state.q = sample_path(probs, lm, context, weight, top_k, get_generator(request))
+            state.drafts, state.q = sample_path(probs, lm, context, weight, top_k, get_generator(request),
+                                                self.config.lm_candidates)
 
 
 def load_refiner(config) -> Refiner | None:
@@ -220,7 +260,8 @@ def load_refiner(config) -> Refiner | None:
     is missing or was made by another model."""
     if not config.refine_weight:
         return None
-    refine = RefineConfig(weight=config.refine_weight, num_paths=config.refine_paths)
+    refine = RefineConfig(weight=config.refine_weight, num_paths=config.refine_paths,
+                          lm_candidates=config.refine_lm_candidates)
     return Refiner(refine, _data_lm(config))
 
 

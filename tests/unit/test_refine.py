@@ -46,27 +46,37 @@ def test_extend_counts_only_what_the_text_gained():
     assert grown.num_tokens == len(TEXT)
 
 
-def _lattice(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    top = torch.log_softmax(torch.tensor(rows), -1).topk(3, -1)
-    return top.values, top.indices
-
-
 def test_best_paths_are_the_exhaustive_ranking_and_the_lm_can_overrule_the_heads():
     lm = NgramLM(VOCAB)
     lm.add(LATTICE_TEXT)
-    logprobs, tokens = _lattice(HEAD_LOGITS)
-    assert best_paths(logprobs, tokens, lm, [0, 1], weight=0.0, num_paths=1) == [[3, 4]]
-    assert best_paths(logprobs, tokens, lm, [0, 1], weight=1.0, num_paths=1) == [[2, 5]]
-    ranked = best_paths(logprobs, tokens, lm, [0, 1], weight=1.0, num_paths=9)
+    logprobs = torch.log_softmax(torch.tensor(HEAD_LOGITS), -1)
+    tokens = logprobs.topk(3, -1).indices
+    assert best_paths(logprobs, lm, [0, 1], weight=0.0, num_paths=1, top_k=3) == [[3, 4]]
+    assert best_paths(logprobs, lm, [0, 1], weight=1.0, num_paths=1, top_k=3) == [[2, 5]]
+    ranked = best_paths(logprobs, lm, [0, 1], weight=1.0, num_paths=9, top_k=3)
     scores = []
     for path in ranked:  # every path of the 3 x 3 lattice, scored independently here
-        a, b = (tokens[i].tolist().index(t) for i, t in enumerate(path))
         lm_score = torch.tensor([lm.prob([0, 1], path[0]), lm.prob([0, 1, path[0]], path[1])]).log().sum()
-        scores.append(float(logprobs[0, a] + logprobs[1, b] + lm_score))
+        scores.append(float(logprobs[0, path[0]] + logprobs[1, path[1]] + lm_score))
     assert sorted(map(tuple, ranked)) == sorted(itertools.product(tokens[0].tolist(), tokens[1].tolist()))
     assert scores == sorted(scores, reverse=True)
-    raw = torch.tensor(HEAD_LOGITS).topk(3, -1)  # unnormalised logits rank the paths the same
-    assert best_paths(raw.values, raw.indices, lm, [0, 1], weight=1.0, num_paths=9) == ranked
+    raw = torch.tensor(HEAD_LOGITS)  # unnormalised logits rank the paths the same
+    assert best_paths(raw, lm, [0, 1], weight=1.0, num_paths=9, top_k=3) == ranked
+
+
+def test_the_lm_offers_its_own_candidates_beside_the_rows_top_k():
+    """A row blind to the token before it may rank the right token below its top k; the LM, which
+    knows that token, offers its own likeliest next tokens, scored by the row's logit for them."""
+    lm = NgramLM(VOCAB)
+    lm.add(LATTICE_TEXT)
+    assert lm.candidates([0, 1], 2) == [2, 3]  # after "0 1": 2 twice, 3 once
+    assert lm.candidates([1, 2], 3) == [5]  # only what followed this history
+    row = torch.tensor([[0, 2.0, 0, 0, 1.0, 0]])  # top 2: tokens 1 and 4; the LM says 2 follows "0 1"
+    assert best_paths(row, lm, [0, 1], weight=1.0, num_paths=1, top_k=2) == [[1]]
+    assert best_paths(row, lm, [0, 1], weight=1.0, num_paths=1, top_k=2, lm_candidates=1) == [[2]]
+    # each later row's candidates follow the path so far: after "1 2" comes 5
+    rows = torch.zeros(2, VOCAB)
+    assert best_paths(rows, lm, [0, 1], weight=1.0, num_paths=1, top_k=1, lm_candidates=1) == [[2, 5]]
 
 
 def test_trie_merges_shared_prefixes_best_path_first():
@@ -88,6 +98,21 @@ def test_sampled_drafts_come_from_their_q_rows():
     # q's first row: the head's probabilities times the LM's, over the head's top 3 (3, 2 and one tie)
     _, q = sample_path(probs, lm, [0, 1], weight=1.0, top_k=3, generator=g)
     assert float(q[0, 2]) > float(q[0, 3])  # the LM overruled the head here too
+    assert torch.allclose(counts / counts.sum(), q[0], atol=0.035)
+
+
+def test_sampled_drafts_may_come_from_the_lms_candidates_and_q_says_so():
+    lm = NgramLM(VOCAB)
+    lm.add(LATTICE_TEXT)
+    probs = torch.softmax(torch.tensor([[0, 2.0, 0, 0, 1.0, 0]]), -1)  # top 2: tokens 1 and 4
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(VOCAB)
+    for _ in range(2000):
+        drafts, q = sample_path(probs, lm, [0, 1], weight=1.0, top_k=2, generator=g, lm_candidates=1)
+        counts[drafts[0]] += 1
+    assert set(torch.nonzero(q[0]).flatten().tolist()) == {1, 2, 4}  # the LM's 2 joins the row's top 2
+    expected = probs[0, [1, 2, 4]] * torch.tensor([lm.prob([0, 1], t) for t in (1, 2, 4)])
+    assert torch.allclose(q[0, [1, 2, 4]], expected / expected.sum())
     assert torch.allclose(counts / counts.sum(), q[0], atol=0.035)
 
 
