@@ -80,13 +80,14 @@ class BpdProposer:
     """Drafts what the heads guessed at the row that emitted the request's last token."""
 
     name = "bpd"
-    def rows_per_draft(self, proposal: DraftTree | None) -> float:
-        return ROWS_PER_DRAFT
 
     def __init__(self, heads: DraftHeads, refiner: Refiner | None = None):
         self.heads = heads
         self.refiner = refiner
         """None: the heads' own drafts, unrefined."""
+
+    def rows_per_draft(self, proposal: DraftTree | None) -> float:
+        return ROWS_PER_DRAFT
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         return propose_pending(requests, max_drafts, STATE_KEY)

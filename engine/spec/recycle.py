@@ -107,8 +107,6 @@ class RecycleProposer:
     """Drafts, after the controller's plan, from each request's last emitting row and last token."""
 
     name = "recycle"
-    def rows_per_draft(self, proposal: DraftTree | None) -> float:
-        return ROWS_PER_DRAFT
 
     def __init__(self, module: RecycleModule, max_depth: int, lossy: bool = False):
         self.module = module
@@ -117,6 +115,9 @@ class RecycleProposer:
         self.embed: torch.Tensor | None = None  # [vocab, H] the model's input embeddings (bind_model)
         self.head: torch.Tensor | None = None  # [V', H] the lm_head rows of the draft vocabulary
         self.index_of: torch.Tensor | None = None  # [vocab] a token's index in the draft vocabulary
+
+    def rows_per_draft(self, proposal: DraftTree | None) -> float:
+        return ROWS_PER_DRAFT
 
     def bind_model(self, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
         """The served model's dense input embedding and lm_head ([vocab, H] each)."""
