@@ -165,7 +165,7 @@ class EngineConfig:
     one for under 2% of held-out roots (artifacts/README.md), and refined over the rows' top 4 alone
     L 2 ran 1.07x `none` against L 1's 1.16x; with the LM's candidates in the lattice L 2 accepts 0.88
     drafts per validation against L 1's 0.53 (teacher-forced) and ran 1.30x against 1.25x at batch 1
-    (fp32, engine only; benchmarks/results/refine_cpu.txt)."""
+    (fp32, engine only; benchmarks/results/refine_lm_cpu.txt)."""
     bpd_artifact: str | None = None
     """Blockwise Parallel Decoding heads (default: artifacts/bpd/<model name>.safetensors when present)."""
     refine_weight: float = 3.0

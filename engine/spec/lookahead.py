@@ -51,7 +51,7 @@ ROWS_PER_DRAFT = {"two_call": 2.0, "fused": 3.0, "branch": 2.5}
 drafts it now plus its verify row next step (once drafted, only the verify row is left to pay:
 `rows_per_draft`). fused: its verify row and look-ahead row plus, after a rejection (the usual case at
 this acceptance), the drafting-only step that refills the pipeline: 2 + (1 - alpha) rows, rounded up.
-branch: the same plus that step after an acceptance: 2 + alpha rows, alpha ~0.3 refined."""
+branch: the same plus that step after an acceptance: 2 + alpha rows, alpha ~0.5 refined (session 25)."""
 
 
 @dataclass(frozen=True)
