@@ -122,7 +122,7 @@ def _lm_chain(lm: NgramLM, context: list[int], length: int) -> list[int]:
         best = lm.candidates(context + chain, 1)
         if not best:
             break
-        chain += best
+        chain.append(best[0][0])
     return chain
 
 

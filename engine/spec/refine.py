@@ -94,9 +94,10 @@ class NgramLM:
             following[token] = following.get(token, 0) + 1
             self.totals[context] = self.totals.get(context, 0) + 1
 
-    def candidates(self, context: list[int], num: int) -> list[int]:
-        """Up to `num` likely next tokens, likeliest first: the most frequent after the longest history
-        (at least one token) that this LM, and its base, has seen end like `context`."""
+    def candidates(self, context: list[int], num: int) -> list[tuple[int, float]]:
+        """Up to `num` likely next tokens with their probabilities, likeliest first: the most frequent
+        after the longest history (at least one token) that this LM, and its base, has seen end like
+        `context`."""
         found: set[int] = set()
         for lm in (self, self.base):
             for n in range(min(self.order - 1, len(context)), 0, -1) if lm is not None else ():
@@ -104,7 +105,7 @@ class NgramLM:
                 if following:
                     found.update(heapq.nlargest(num, following, key=following.get))
                     break
-        return heapq.nlargest(num, found, key=lambda token: self.prob(context, token))
+        return heapq.nlargest(num, ((token, self.prob(context, token)) for token in found), key=lambda tp: tp[1])
 
     def prob(self, context: list[int], token: int) -> float:
         """p(token | the last order - 1 tokens of context)."""
@@ -147,6 +148,7 @@ def best_paths(logits: torch.Tensor, lm: NgramLM, context: list[int], weight: fl
     exact, not a beam's."""
     tops = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices.tolist()
     lm_logp: dict[tuple[int, ...], float] = {}  # memo: a prefix's last token given the text before it
+    row_value: dict[tuple[int, int], float] = {}  # memo: (row, token) -> its logit (paths share them)
 
     def lm_score(prefix: tuple[int, ...]) -> float:
         score = lm_logp.get(prefix)
@@ -154,19 +156,26 @@ def best_paths(logits: torch.Tensor, lm: NgramLM, context: list[int], weight: fl
             score = lm_logp[prefix] = math.log(lm.prob(context + list(prefix[:-1]), prefix[-1]))
         return score
 
+    def value(i: int, token: int) -> float:
+        v = row_value.get((i, token))
+        if v is None:
+            v = row_value[(i, token)] = float(logits[i, token])
+        return v
+
     def paths(prefix: tuple[int, ...]):
         if len(prefix) == len(tops):
             yield prefix
             return
         tokens = dict.fromkeys(tops[len(prefix)])  # ordered, without repeats
-        if lm_candidates:
-            tokens.update(dict.fromkeys(lm.candidates(context + list(prefix), lm_candidates)))
+        for token, p in lm.candidates(context + list(prefix), lm_candidates) if lm_candidates else ():
+            tokens[token] = None
+            lm_logp[prefix + (token,)] = math.log(p)  # ranked by it already: no second lookup
         for token in tokens:
             yield from paths(prefix + (token,))
 
     scored = []
     for path in paths(()):
-        score = sum(float(logits[i, token]) for i, token in enumerate(path))
+        score = sum(value(i, token) for i, token in enumerate(path))
         if weight:
             score += weight * sum(lm_score(path[:i + 1]) for i in range(len(path)))
         scored.append((-score, path))
@@ -185,7 +194,7 @@ def sample_path(probs: torch.Tensor, lm: NgramLM, context: list[int], weight: fl
     for i in range(probs.shape[0]):
         tokens = dict.fromkeys(probs[i].topk(min(top_k, probs.shape[1])).indices.tolist())
         if lm_candidates:
-            tokens.update(dict.fromkeys(lm.candidates(context + drafts, lm_candidates)))
+            tokens.update(dict.fromkeys(token for token, _ in lm.candidates(context + drafts, lm_candidates)))
         ids = torch.tensor(list(tokens), dtype=torch.long)
         p = probs[i, ids].double()
         ids, p = ids[p > 0], p[p > 0]

@@ -69,8 +69,8 @@ def test_the_lm_offers_its_own_candidates_beside_the_rows_top_k():
     knows that token, offers its own likeliest next tokens, scored by the row's logit for them."""
     lm = NgramLM(VOCAB)
     lm.add(LATTICE_TEXT)
-    assert lm.candidates([0, 1], 2) == [2, 3]  # after "0 1": 2 twice, 3 once
-    assert lm.candidates([1, 2], 3) == [5]  # only what followed this history
+    assert [t for t, _ in lm.candidates([0, 1], 2)] == [2, 3]  # after "0 1": 2 twice, 3 once
+    assert lm.candidates([1, 2], 3) == [(5, lm.prob([1, 2], 5))]  # only what followed this history
     row = torch.tensor([[0, 2.0, 0, 0, 1.0, 0]])  # top 2: tokens 1 and 4; the LM says 2 follows "0 1"
     assert best_paths(row, lm, [0, 1], weight=1.0, num_paths=1, top_k=2) == [[1]]
     assert best_paths(row, lm, [0, 1], weight=1.0, num_paths=1, top_k=2, lm_candidates=1) == [[2]]
