@@ -140,6 +140,10 @@ class EngineConfig:
     the same tokens (lossless)."""
     num_draft_tokens: int = 5
     """Most draft tokens a request proposes per step (--num-draft-tokens); the controller may use fewer."""
+    ngram_cutoff: float = 0.15
+    """Prompt lookup drafts a copied token only while the chance that it and the copy's tokens before
+    it are accepted, measured on the server's own copies by match length, is at least this
+    (--ngram-cutoff; 0: always copy k tokens, as LLMA does; engine/spec/ngram.py)."""
     spec_layout: str = "ragged"
     """ragged (EMS-SD: unpadded inputs, unpadded KV cache) | padded (inputs padded to the batch's longest
     draft) | padded-kv (EMS-SD's vanilla baseline: padded inputs, and a cache that grows by the batch's
@@ -215,6 +219,8 @@ class EngineConfig:
             raise ValueError(f"spec_fairness must be between 0 and 1, not {self.spec_fairness!r}")
         if self.refine_weight < 0 or self.refine_paths < 1 or self.refine_lm_candidates < 0:
             raise ValueError("refine_weight must be >= 0, refine_paths >= 1 and refine_lm_candidates >= 0")
+        if not 0.0 <= self.ngram_cutoff <= 1.0:
+            raise ValueError(f"ngram_cutoff must be between 0 and 1, not {self.ngram_cutoff!r}")
         if not 0 <= self.num_draft_tokens <= 64:
             raise ValueError("num_draft_tokens must be between 0 and 64")
 

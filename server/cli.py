@@ -53,6 +53,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="speculation method for requests that don't pick one (none: plain decoding)")
     p.add_argument("--num-draft-tokens", type=int, default=EngineConfig.num_draft_tokens,
                    help="most drafts per request per step (the cost controller may use fewer)")
+    p.add_argument("--ngram-cutoff", type=float, default=EngineConfig.ngram_cutoff,
+                   help="prompt lookup drafts a copied token only while its measured chance of acceptance is at "
+                        "least this (0: always the full copy)")
     p.add_argument("--spec-layout", default="ragged", choices=list(SPEC_LAYOUTS),
                    help="padded (inputs) and padded-kv (inputs and KV cache: EMS-SD's vanilla baseline), for "
                         "benchmarks")
@@ -122,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, spec=args.spec, cache_dir=args.cache_dir,
-        num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens, spec_layout=args.spec_layout,
+        num_threads=args.num_threads, num_draft_tokens=args.num_draft_tokens,
+        ngram_cutoff=args.ngram_cutoff, spec_layout=args.spec_layout,
         spec_adaptive=not args.no_spec_adaptive, spec_fairness=args.spec_fairness, jacobi_config=args.jacobi_config,
         pass_artifact=args.pass_artifact, pass_mode=args.pass_mode, pass_lookahead=args.pass_lookahead,
         bpd_artifact=args.bpd_artifact, refine_weight=args.refine_weight, refine_paths=args.refine_paths,

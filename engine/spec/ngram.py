@@ -8,6 +8,16 @@ take the longest suffix (n = 3, then 2, then 1) of the request's prompt + genera
 also occurs EARLIER in that text, pick its most recent earlier occurrence, and draft the (up to k)
 tokens that followed it. The drafts are deterministic, so the verifier uses q = one-hot.
 
+How much of a copy to draft (`cutoff`, --draft-cutoff): copying all k tokens of every match makes
+nearly every draft k long or empty, and most of a copy is wasted where the match is weak. Scored on
+the model's own Spec-Bench outputs (fp32, 5 per category, k = 8), the chance that a copy's first j
+tokens are all right was 0.25, 0.12, 0.08 ... for a 1-token match, 0.48, 0.32, 0.22 ... for 2 tokens
+and 0.79, 0.67, 0.58 ... for 3 (chat; code editing higher at every order). So the proposer scores
+each copy it made against the text the model went on to write (`CopyAccuracy`, by match order; the
+server's record behind each request's own) and drafts the j-th token only while that chance is at
+least `cutoff`. Drafts then vary in length by request, which is what EMS-SD's unpadded layout is for
+(benchmarks/results/spec_cpu.txt, session 26).
+
 Cost: a per-request index (n-gram -> end of its latest occurrence) lives in
 `request.state["ngram"]` and is updated with the tokens appended since the previous call only,
 so a step costs O(new tokens + k), never a rescan of the whole text.
@@ -18,6 +28,13 @@ from engine.spec.base import chain
 from engine.types import DraftTree, Request
 
 STATE_KEY = "ngram"
+PENDING_KEY = "ngram_copies"
+"""request.state key: copies not yet scored, as (text length when made, match order, tokens)."""
+ACCURACY_KEY = "ngram_accuracy"
+"""request.state key: the request's own CopyAccuracy."""
+SCORE_DEPTH = 16  # copies are scored this deep; a deeper draft takes the last depth's estimate
+SERVER_PRIOR = 4.0  # pseudo-copies, all right, behind the server's record: full copies until it has data
+REQUEST_PRIOR = 8.0  # pseudo-copies at the server's estimate behind each request's own record
 
 
 class NgramIndex:
@@ -55,10 +72,15 @@ class NgramIndex:
 
     def lookup(self, tokens: list[int]) -> int | None:
         """End index of the most recent earlier occurrence of the longest matching suffix."""
+        match = self.match(tokens)
+        return None if match is None else match[0]
+
+    def match(self, tokens: list[int]) -> tuple[int, int] | None:
+        """(end index, n) of the most recent earlier occurrence of the longest matching suffix."""
         for n in range(min(self.max_ngram, len(tokens)), 0, -1):
             end = self.last_end.get(tuple(tokens[len(tokens) - n:]))
             if end is not None:
-                return end
+                return end, n
         return None
 
 
@@ -74,16 +96,51 @@ def copy_continuation(tokens: list[int], end: int, k: int) -> list[int]:
     return draft
 
 
+class CopyAccuracy:
+    """How far copies turned out right, by match order n: of `copies[n]` scored copies,
+    `matched[n][j - 1]` began with j tokens equal to the text that followed them."""
+
+    def __init__(self, max_ngram: int):
+        self.copies = [0.0] * (max_ngram + 1)
+        self.matched = [[0.0] * SCORE_DEPTH for _ in range(max_ngram + 1)]
+
+    def record(self, order: int, num_right: int) -> None:
+        self.copies[order] += 1
+        row = self.matched[order]
+        for j in range(num_right):
+            row[j] += 1
+
+    def chances(self, order: int, prior: list[float], prior_weight: float) -> list[float]:
+        """The chance that a copy's first j tokens are right, j = 1..SCORE_DEPTH (non-increasing),
+        with `prior_weight` pseudo-copies at `prior`."""
+        copies, row = self.copies[order], self.matched[order]
+        return [(right + prior_weight * p) / (copies + prior_weight) for right, p in zip(row, prior)]
+
+
+def num_right(copy: list[int], followed: list[int]) -> int:
+    """How many of the copy's first tokens equal the text that followed it."""
+    for j, (drafted, written) in enumerate(zip(copy, followed)):
+        if drafted != written:
+            return j
+    return min(len(copy), len(followed))
+
+
 class NgramProposer:
     """Prompt-lookup proposer: a chain of up to k tokens per request, or nothing without a match."""
 
     name = "ngram"
 
-    def __init__(self, num_draft_tokens: int = 5, max_ngram: int = 3):
+    def __init__(self, num_draft_tokens: int = 5, max_ngram: int = 3, cutoff: float = 0.0):
         if num_draft_tokens < 0 or max_ngram < 1:
             raise ValueError("num_draft_tokens must be >= 0 and max_ngram >= 1")
+        if not 0.0 <= cutoff <= 1.0:
+            raise ValueError("cutoff must be between 0 and 1")
         self.num_draft_tokens = num_draft_tokens
         self.max_ngram = max_ngram
+        self.cutoff = cutoff
+        """Draft the j-th copied token only while its chance of being accepted is at least this."""
+        self.accuracy = CopyAccuracy(max_ngram)
+        """The server's record, over every request this proposer has drafted for."""
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         out: dict[str, DraftTree] = {}
@@ -102,10 +159,46 @@ class NgramProposer:
         tokens = request.token_ids
         # Indexed even when k = 0, so a request that gets a draft budget later costs no catch-up.
         index.update(tokens)
-        if k <= 0:
+        if self.cutoff > 0:
+            self._score_copies(request, tokens)
+        match = index.match(tokens) if k > 0 else None
+        if match is None:
             return []
-        end = index.lookup(tokens)
-        return [] if end is None else copy_continuation(tokens, end, k)
+        end, order = match
+        if self.cutoff <= 0:
+            return copy_continuation(tokens, end, k)
+        copy = copy_continuation(tokens, end, max(k, SCORE_DEPTH))
+        request.state.setdefault(PENDING_KEY, []).append((len(tokens), order, copy[:SCORE_DEPTH]))
+        return copy[:self._trusted_length(request, order, k)]
+
+    def _score_copies(self, request: Request, tokens: list[int]) -> None:
+        """Record each earlier copy once the text that followed it shows how far it was right: at
+        its first wrong token, or when the text has run its whole length."""
+        pending = request.state.get(PENDING_KEY)
+        if not pending:
+            return
+        own = request.state.setdefault(ACCURACY_KEY, CopyAccuracy(self.max_ngram))
+        unscored = []
+        for start, order, copy in pending:
+            followed = tokens[start:start + len(copy)]
+            right = num_right(copy, followed)
+            if right < len(followed) or len(followed) == len(copy):
+                own.record(order, right)
+                self.accuracy.record(order, right)
+            else:
+                unscored.append((start, order, copy))
+        request.state[PENDING_KEY] = unscored
+
+    def _trusted_length(self, request: Request, order: int, k: int) -> int:
+        """The longest prefix of a copy (at most k) whose every token's chance is >= cutoff."""
+        chances = self.accuracy.chances(order, [1.0] * SCORE_DEPTH, SERVER_PRIOR)
+        own: CopyAccuracy | None = request.state.get(ACCURACY_KEY)
+        if own is not None:
+            chances = own.chances(order, chances, REQUEST_PRIOR)
+        length = 0
+        while length < k and chances[min(length, SCORE_DEPTH - 1)] >= self.cutoff:
+            length += 1
+        return length
 
     def _k(self, request: Request) -> int:
         k = request.spec.num_draft_tokens

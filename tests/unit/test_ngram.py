@@ -4,7 +4,8 @@ from __future__ import annotations
 import random
 
 from engine.spec.base import is_chain
-from engine.spec.ngram import STATE_KEY, NgramIndex, NgramProposer, copy_continuation
+from engine.spec.ngram import (ACCURACY_KEY, PENDING_KEY, SCORE_DEPTH, STATE_KEY, CopyAccuracy, NgramIndex,
+                               NgramProposer, copy_continuation, num_right)
 from engine.types import Request, SamplingParams, SpecParams
 
 
@@ -128,3 +129,66 @@ def test_per_step_work_is_independent_of_text_length():
             assert request.token_ids.num_read <= 2 + 3 + (3 + 2 + 1) + k
             assert index.update(request.token_ids) == 0  # nothing left to index
             assert "r" not in out or len(out["r"]) == k
+
+
+# ------------------------------------------------------------ how much of a copy to draft (cutoff)
+
+def test_num_right_counts_the_copy_prefix_the_text_repeated():
+    assert num_right([1, 2, 3], [1, 2, 9]) == 2
+    assert num_right([1, 2, 3], [7]) == 0
+    assert num_right([1, 2, 3], [1, 2]) == 2  # the text has not run the copy's length yet
+    assert num_right([1, 2], [1, 2, 3]) == 2
+
+
+def test_copy_accuracy_blends_its_record_with_the_prior():
+    acc = CopyAccuracy(max_ngram=3)
+    for right in (0, 1, 3, 3):
+        acc.record(2, right)
+    flat = [1.0] * SCORE_DEPTH
+    assert acc.chances(2, flat, 0.0)[:4] == [0.75, 0.5, 0.5, 0.0]
+    assert acc.chances(2, flat, 4.0)[:4] == [7 / 8, 6 / 8, 6 / 8, 4 / 8]
+    assert acc.chances(1, flat, 4.0) == flat  # no record at that order: the prior
+
+
+# Suffix [1, 2, 3] matches its earlier 3-gram, after which the text went on 4, 5, 6, 7, 8, 9.
+TEXT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
+
+
+def test_copies_are_cut_where_the_servers_record_says_they_go_wrong():
+    proposer = NgramProposer(num_draft_tokens=6, cutoff=0.5)
+    assert drafts(TEXT, k=6, proposer=proposer) == [4, 5, 6, 7, 8, 9]  # no record yet: the whole copy
+    for _ in range(40):  # 3-token matches: right for 2 tokens, then wrong
+        proposer.accuracy.record(3, 2)
+    assert drafts(TEXT, k=6, proposer=proposer) == [4, 5]
+    assert NgramProposer(num_draft_tokens=6, cutoff=0.0).propose([make_request(TEXT)], {"r": 6})["r"].token_ids \
+        == [4, 5, 6, 7, 8, 9]
+    for _ in range(40):  # other orders' record does not touch 3-token matches
+        proposer.accuracy.record(1, 0)
+    assert drafts(TEXT, k=6, proposer=proposer) == [4, 5]
+
+
+def test_each_copy_is_scored_against_the_text_that_followed_it():
+    proposer = NgramProposer(num_draft_tokens=4, cutoff=0.1)
+    request = make_request(TEXT)
+    proposer.propose([request], {"r": 4})  # copies 4, 5, 6, 7, ... (3-token match)
+    request.token_ids += [4, 5]  # right so far, the copy not run out: not scored yet
+    proposer.propose([request], {"r": 4})
+    assert proposer.accuracy.copies[3] == 0
+    request.token_ids += [6, 11]  # the first copy was right for 3 tokens; the second (6, 7, ...) for 1
+    proposer.propose([request], {"r": 4})
+    assert proposer.accuracy.copies[3] == 2 and proposer.accuracy.matched[3][:4] == [2, 1, 1, 0]
+    own = request.state[ACCURACY_KEY]
+    assert own.copies[3] == 2 and own.matched[3][:4] == [2, 1, 1, 0]
+    assert request.state[PENDING_KEY] == []  # 11 is new: no match, no copy made
+
+
+def test_a_requests_own_record_outweighs_the_servers():
+    proposer = NgramProposer(num_draft_tokens=6, cutoff=0.5)
+    for _ in range(40):
+        proposer.accuracy.record(3, 1)
+    assert drafts(TEXT, k=6, proposer=proposer) == [4]
+    request = make_request(TEXT)
+    own = request.state[ACCURACY_KEY] = CopyAccuracy(max_ngram=3)
+    for _ in range(40):  # this request's copies (code being edited, say) were right all the way
+        own.record(3, 6)
+    assert proposer.propose([request], {"r": 6})["r"].token_ids == [4, 5, 6, 7, 8, 9]
