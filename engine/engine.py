@@ -19,6 +19,7 @@ from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.loader import model_name, resolve_model_dir
 from engine.scheduler import Scheduler
+from engine.spec.bpd import HEAD_ROW_SHARE
 from engine.spec.controller import ATTENTION_CALIBRATION, CALIBRATION_ROWS
 from engine.speculation import Speculator, Verified, accepted_path_moves, unpad, verify_step
 from engine.tokenizer import Tokenizer
@@ -26,6 +27,7 @@ from engine.types import (DraftTree, EngineRequest, FinishedStats, FinishReason,
                           SamplingParams, ScheduledRequest, SchedulerOutput, SpecRecord, StepStats, TokenLogprob)
 
 log = logging.getLogger(__name__)
+HEAD_CALIBRATION_ROWS = 8  # verify rows of the step that measures what BPD's head rows cost
 
 
 def pick_device(device: str) -> str:
@@ -72,6 +74,8 @@ class LLMEngine:
         rows, context = ATTENTION_CALIBRATION
         if rows * (context + 1) <= self.kv.num_free_blocks * self.kv.block_size:
             cost_model.calibrate_attention(self._forward_rows, rows, context)
+        if self.spec.draft_heads is not None:
+            self.spec.proposers["bpd"].head_row_share = self._head_row_share()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -211,21 +215,41 @@ class LLMEngine:
         capacity = self.kv.num_free_blocks * self.kv.block_size
         return tuple(n for n in CALIBRATION_ROWS if n + 1 <= capacity) or (1,)
 
-    def _forward_rows(self, num_rows: int, context: int = 1, num_requests: int = 1) -> None:
+    def _head_row_share(self, rows: int = HEAD_CALIBRATION_ROWS, repeats: int = 3) -> float:
+        """One BPD head row's cost in the cost curve's rows: what the heads add to a step of `rows`
+        verify rows (rows x K head rows), against what one more row costs there by the curve. Rounds
+        over both shapes, the fastest of each, as in StepCostModel.calibrate."""
+        plain = with_heads = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._forward_rows(rows)
+            plain = min(plain, time.perf_counter() - start)
+            start = time.perf_counter()
+            self._forward_rows(rows, heads=True)
+            with_heads = min(with_heads, time.perf_counter() - start)
+        curve = self.spec.controller.cost_model
+        row_cost = (curve.cost(2 * rows) - curve.cost(rows)) / rows
+        if row_cost <= 0:
+            return HEAD_ROW_SHARE
+        return max(0.0, with_heads - plain) / (rows * self.spec.num_heads) / row_cost
+
+    def _forward_rows(self, num_rows: int, context: int = 1, num_requests: int = 1, heads: bool = False) -> None:
         """One forward over num_requests x num_rows rows, all scored (a verify step's shape): each
         request a chain of drafts after `context` tokens in the cache (their K/V left as the cache
         holds them: only the time counts).
 
         A probe's first row is a generated token after a one-token prompt, as a decode row is: a
         prompt row would take the int8 dtypes' fp32 prompt path (engine/models/linear.py), which made
-        every calibrated point 2-3x a real verify step's and kept the controller from drafting."""
+        every calibrated point 2-3x a real verify step's and kept the controller from drafting.
+        heads: the BPD heads run on every scored row too."""
         probes = [Request(f"__calibration_{i}__", [0] * (context + 1), 1, SamplingParams(),
                           num_computed_tokens=context) for i in range(num_requests)]
         draft = DraftTree([0] * (num_rows - 1), list(range(-1, num_rows - 2))) if num_rows > 1 else None
         try:
             for probe in probes:
                 self.kv.allocate(probe, context + num_rows)
-            self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft) for probe in probes]))
+            self.runner.execute(SchedulerOutput([ScheduledRequest(probe, 1, draft, draft_heads=heads)
+                                                  for probe in probes]))
         finally:
             for probe in probes:
                 self.kv.free(probe)

@@ -32,12 +32,16 @@ from engine.spec.refine import Refiner
 from engine.types import DraftTree, Request, VerifyResult
 
 STATE_KEY = "bpd"
-ROWS_PER_DRAFT = 1.75
-"""Rows the step-cost controller charges one BPD draft: its verify row, plus its share of the head
-rows. Each sampled row of a drafting request gets K = 2 head rows through the lm_head, and an
-lm_head row costs ~0.21 of a full row (the lm_head holds 28M of the default model's 135M weights):
-1 + 0.42 x (1 + n) / n = 1.84 / 1.63 rows per draft for chains of n = 1 / 2. With 1.25 the
-controller kept drafts at 8 clients that the head rows made cost more than they gave (0.95x
+HEAD_ROW_SHARE = 0.21
+"""What one head row (a head block and an lm_head row) costs in the step-cost controller's rows until
+the engine measures it at start-up (`BpdProposer.head_row_share`): the lm_head's share of the default
+model's weights (28M of 135M). Measured on the dev CPU (session 26, two start-ups each): 0.19-0.20 in
+fp32, 0.18-0.24 in int8 (whose lm_head rescoring in fp32 had been suspected of raising it). A model
+whose vocabulary weighs more, or a GPU, gets its own figure."""
+SAMPLED_ROWS_PER_DRAFT = 1.8
+"""Each sampled row of a drafting request gets K head rows: a chain of n drafts has n + 1 sampled rows,
+(1 + n) / n per draft, 2 / 1.5 for n = 1 / 2. With K = 2 and the fp32 share: 1.76 rows per draft. At
+1.25 the controller kept drafts at 8 clients that the head rows made cost more than they gave (0.95x
 `none`, fp32, session 21)."""
 
 
@@ -85,9 +89,12 @@ class BpdProposer:
         self.heads = heads
         self.refiner = refiner
         """None: the heads' own drafts, unrefined."""
+        self.head_row_share = HEAD_ROW_SHARE
+        """One head row's cost in the controller's rows (the engine measures it at start-up)."""
 
     def rows_per_draft(self, proposal: DraftTree | None) -> float:
-        return ROWS_PER_DRAFT
+        """A draft's verify row and its share of the head rows."""
+        return 1.0 + self.heads.num_heads * self.head_row_share * SAMPLED_ROWS_PER_DRAFT
 
     def propose(self, requests: list[Request], max_drafts: dict[str, int]) -> dict[str, DraftTree]:
         return propose_pending(requests, max_drafts, STATE_KEY)

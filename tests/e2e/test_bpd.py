@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.config import CacheConfig, EngineConfig
+from engine.spec.bpd import HEAD_ROW_SHARE
 from engine.train.config import TrainConfig
 from tests.e2e.conftest import check_trained_artifact
 
@@ -54,6 +55,8 @@ def test_train_bpd_writes_an_artifact_the_engine_serves(calm_model_dir, tiny_dat
     engine = LLMEngine(EngineConfig(model=str(calm_model_dir), spec="bpd", bpd_artifact=str(out),
                                     cache=CacheConfig(num_tokens=2048)))
     assert engine.spec.num_heads == 2
+    share = engine.spec.proposers["bpd"].head_row_share  # measured at start-up, not the fp32 guess
+    assert share != HEAD_ROW_SHARE and 0.0 <= share < float("inf")
 
 
 def test_refinement_lm_is_built_from_the_models_own_records(calm_model_dir, tiny_model_dir, tiny_data, tmp_path):

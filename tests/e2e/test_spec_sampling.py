@@ -214,6 +214,9 @@ def engine(small_vocab_model, pass_artifact, bpd_artifact, recycle_artifact):
     eng = LLMEngine(EngineConfig(model=str(small_vocab_model), spec="none", spec_adaptive=False,
                                  num_draft_tokens=NUM_DRAFT_TOKENS, num_threads=1, pass_artifact=str(pass_artifact),
                                  pass_lookahead=4,  # chains of 4 sampled drafts, not the default 1
+                                 # Full prompt-lookup copies: this model's random text proves them wrong, and
+                                 # the cutoff would then draft too few to test the rejection rule with.
+                                 ngram_cutoff=0.0,
                                  bpd_artifact=str(bpd_artifact), recycle_artifact=str(recycle_artifact)))
     assert eng.model_config.vocab_size == VOCAB
     yield eng

@@ -8,7 +8,7 @@ import torch
 from engine.config import CacheConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.spec.base import chain
-from engine.spec.bpd import BpdProposer, DraftHeads
+from engine.spec.bpd import HEAD_ROW_SHARE, SAMPLED_ROWS_PER_DRAFT, BpdProposer, DraftHeads
 from engine.speculation import verify_step
 from engine.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput, VerifyResult
 
@@ -49,6 +49,13 @@ def test_drafts_are_the_emitting_rows_head_guesses_until_the_text_moves():
     assert proposer.propose([r], {"r": 1})["r"].token_ids == [7]
     r.token_ids.append(9)
     assert proposer.propose([r], {"r": 5}) == {}
+
+
+def test_a_draft_is_charged_its_verify_row_and_its_share_of_the_measured_head_rows():
+    proposer = BpdProposer(DraftHeads(torch.zeros(2, 4, 4), torch.zeros(2, 4)))
+    assert proposer.rows_per_draft(None) == pytest.approx(1 + 2 * HEAD_ROW_SHARE * SAMPLED_ROWS_PER_DRAFT)
+    proposer.head_row_share = 0.5  # an lm_head row costing half a row (measured by the engine at start-up)
+    assert proposer.rows_per_draft(chain([1, 2])) == pytest.approx(1 + 2 * 0.5 * SAMPLED_ROWS_PER_DRAFT)
 
 
 def test_verify_step_hands_each_request_the_rows_of_its_last_emitted_token():

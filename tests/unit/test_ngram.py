@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from engine.spec.base import is_chain
 from engine.spec.ngram import (ACCURACY_KEY, PENDING_KEY, SCORE_DEPTH, STATE_KEY, CopyAccuracy, NgramIndex,
                                NgramProposer, copy_continuation, num_right)
@@ -192,3 +194,16 @@ def test_a_requests_own_record_outweighs_the_servers():
     for _ in range(40):  # this request's copies (code being edited, say) were right all the way
         own.record(3, 6)
     assert proposer.propose([request], {"r": 6})["r"].token_ids == [4, 5, 6, 7, 8, 9]
+
+
+def test_ngram_cutoff_flag_reaches_the_proposer_and_is_checked():
+    from engine.config import EngineConfig
+    from engine.spec.loading import build_proposers
+    from server.cli import build_parser, engine_config
+
+    assert engine_config(build_parser().parse_args(["serve"])).ngram_cutoff == 0.15  # README's default
+    config = engine_config(build_parser().parse_args(["serve", "--ngram-cutoff", "0"]))
+    assert build_proposers(config, None)["ngram"].cutoff == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="ngram_cutoff"):
+            EngineConfig(ngram_cutoff=bad)
