@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def build_proposers(config: EngineConfig, model_dir: Path | None) -> dict:
     """method -> proposer; raises ValueError for an artifact that was asked for and cannot serve."""
-    proposers = {"ngram": NgramProposer(config.num_draft_tokens, cutoff=config.ngram_cutoff), "jacobi": _jacobi_proposer(config)}
+    proposers = {"ngram": NgramProposer(config.num_draft_tokens, cutoff=config.ngram_cutoff),
+                 "jacobi": _jacobi_proposer(config)}
     if model_dir is None:
         return proposers
     refiner = _refiner(config)  # one n-gram LM of the self-distilled data for pass and bpd

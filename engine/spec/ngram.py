@@ -8,7 +8,7 @@ take the longest suffix (n = 3, then 2, then 1) of the request's prompt + genera
 also occurs EARLIER in that text, pick its most recent earlier occurrence, and draft the (up to k)
 tokens that followed it. The drafts are deterministic, so the verifier uses q = one-hot.
 
-How much of a copy to draft (`cutoff`, --draft-cutoff): copying all k tokens of every match makes
+How much of a copy to draft (`cutoff`, --ngram-cutoff): copying all k tokens of every match makes
 nearly every draft k long or empty, and most of a copy is wasted where the match is weak. Scored on
 the model's own Spec-Bench outputs (fp32, 5 per category, k = 8), the chance that a copy's first j
 tokens are all right was 0.25, 0.12, 0.08 ... for a 1-token match, 0.48, 0.32, 0.22 ... for 2 tokens
@@ -110,11 +110,11 @@ class CopyAccuracy:
         for j in range(num_right):
             row[j] += 1
 
-    def chances(self, order: int, prior: list[float], prior_weight: float) -> list[float]:
-        """The chance that a copy's first j tokens are right, j = 1..SCORE_DEPTH (non-increasing),
-        with `prior_weight` pseudo-copies at `prior`."""
-        copies, row = self.copies[order], self.matched[order]
-        return [(right + prior_weight * p) / (copies + prior_weight) for right, p in zip(row, prior)]
+    def chance(self, order: int, depth: int, prior: float, prior_weight: float) -> float:
+        """The chance that a copy's first `depth` tokens are right (non-increasing in depth; past
+        SCORE_DEPTH, the last scored depth's), with `prior_weight` pseudo-copies at `prior`."""
+        right = self.matched[order][min(depth, SCORE_DEPTH) - 1]
+        return (right + prior_weight * prior) / (self.copies[order] + prior_weight)
 
 
 def num_right(copy: list[int], followed: list[int]) -> int:
@@ -190,13 +190,16 @@ class NgramProposer:
         request.state[PENDING_KEY] = unscored
 
     def _trusted_length(self, request: Request, order: int, k: int) -> int:
-        """The longest prefix of a copy (at most k) whose every token's chance is >= cutoff."""
-        chances = self.accuracy.chances(order, [1.0] * SCORE_DEPTH, SERVER_PRIOR)
+        """The longest prefix of a copy (at most k) whose every token's chance is >= cutoff: the
+        request's own record, behind it the server's, behind that full copies."""
         own: CopyAccuracy | None = request.state.get(ACCURACY_KEY)
-        if own is not None:
-            chances = own.chances(order, chances, REQUEST_PRIOR)
         length = 0
-        while length < k and chances[min(length, SCORE_DEPTH - 1)] >= self.cutoff:
+        while length < k:
+            chance = self.accuracy.chance(order, length + 1, 1.0, SERVER_PRIOR)
+            if own is not None:
+                chance = own.chance(order, length + 1, chance, REQUEST_PRIOR)
+            if chance < self.cutoff:
+                break
             length += 1
         return length
 

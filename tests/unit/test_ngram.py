@@ -146,10 +146,11 @@ def test_copy_accuracy_blends_its_record_with_the_prior():
     acc = CopyAccuracy(max_ngram=3)
     for right in (0, 1, 3, 3):
         acc.record(2, right)
-    flat = [1.0] * SCORE_DEPTH
-    assert acc.chances(2, flat, 0.0)[:4] == [0.75, 0.5, 0.5, 0.0]
-    assert acc.chances(2, flat, 4.0)[:4] == [7 / 8, 6 / 8, 6 / 8, 4 / 8]
-    assert acc.chances(1, flat, 4.0) == flat  # no record at that order: the prior
+    assert [acc.chance(2, j, 1.0, 0.0) for j in range(1, 5)] == [0.75, 0.5, 0.5, 0.0]
+    assert [acc.chance(2, j, 1.0, 4.0) for j in range(1, 5)] == [7 / 8, 6 / 8, 6 / 8, 4 / 8]
+    # Past the scored depth: the last scored depth's chance.
+    assert acc.chance(2, SCORE_DEPTH + 5, 0.5, 4.0) == acc.chance(2, SCORE_DEPTH, 0.5, 4.0) == 2 / 8
+    assert acc.chance(1, 3, 0.3, 4.0) == 0.3  # no record at that order: the prior
 
 
 # Suffix [1, 2, 3] matches its earlier 3-gram, after which the text went on 4, 5, 6, 7, 8, 9.
