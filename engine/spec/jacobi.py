@@ -17,7 +17,9 @@ TR-Jacobi ("tree + retrieval") verifies, in one forward pass, a sparse tree made
           └─── r1 ─ r2 ─ r3 ─ r4                    retrieval chain
 
 (b) a retrieval chain: the prompt-lookup continuation of engine/spec/ngram.py (LLMA / EMS-SD),
-    computed by the same NgramProposer on the SAME per-request index (`request.state["ngram"]`).
+    computed by the same NgramProposer on the SAME per-request index (`request.state["ngram"]`),
+    and cut by the same rule (`--ngram-cutoff`): only as far as copies from matches that long
+    have proved right.
 
 Siblings with equal tokens are merged (the tree is a trie), so e.g. a retrieval chain that starts
 like the main chain shares its nodes. When the node budget binds, nodes are kept in priority order
@@ -164,10 +166,12 @@ class JacobiProposer:
 
     name = "jacobi"
 
-    def __init__(self, config: JacobiConfig = JacobiConfig()):
+    def __init__(self, config: JacobiConfig = JacobiConfig(), retrieval_cutoff: float = 0.0):
         self.config = config
-        # Reused, not rewritten: its draft_tokens() keeps request.state["ngram"] up to date.
-        self._retrieval = NgramProposer(num_draft_tokens=config.retrieval_len, max_ngram=MAX_NGRAM)
+        # Reused, not rewritten: its draft_tokens() keeps request.state["ngram"] up to date, and
+        # cuts a copy where copies from matches that long have gone wrong (--ngram-cutoff).
+        self._retrieval = NgramProposer(num_draft_tokens=config.retrieval_len, max_ngram=MAX_NGRAM,
+                                        cutoff=retrieval_cutoff)
         self._node_stats: dict[tuple[str, int], list[int]] = {}  # (kind, depth) -> [offered, accepted]
         self._reach_stats: dict[int, list[int]] = {}  # depth -> [trees that had it, paths that reached it]
 

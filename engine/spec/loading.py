@@ -41,7 +41,8 @@ def _refiner(config: EngineConfig) -> Refiner | None:
 
 def _jacobi_proposer(config: EngineConfig) -> JacobiProposer:
     path = Path(config.jacobi_config) if config.jacobi_config else DEFAULT_JACOBI_CONFIG
-    return JacobiProposer(JacobiConfig.from_yaml(path) if path.is_file() else JacobiConfig())
+    shape = JacobiConfig.from_yaml(path) if path.is_file() else JacobiConfig()
+    return JacobiProposer(shape, retrieval_cutoff=config.ngram_cutoff)
 
 
 def _trained_proposer(config: EngineConfig, model_dir: Path, method: str, refiner: Refiner | None) -> dict:

@@ -117,6 +117,17 @@ def test_budget_priority_main_then_retrieval_then_alternatives(budget, expected)
     assert propose(proposer, request, budget).token_ids == expected
 
 
+def test_retrieval_chain_is_cut_where_copies_go_wrong():
+    # The record says 3-token matches are right for 2 tokens: the retrieval chain keeps [4, 5] and
+    # the budget it frees goes to the side alternative; cutoff 0 copies the whole chain.
+    request = with_window(make_request([1, 2, 3, 4, 5, 6, 1, 2, 3]), [[7, 8], [9], [11], [12]])
+    cut = JacobiProposer(ROOMY, retrieval_cutoff=0.5)
+    for _ in range(40):
+        cut._retrieval.accuracy.record(3, 2)
+    assert propose(cut, request, 9).token_ids == [7, 9, 11, 12, 4, 5, 8]
+    assert propose(JacobiProposer(ROOMY), request, 9).token_ids == [7, 9, 11, 12, 4, 5, 6, 1, 8]
+
+
 def verified(proposer, request, budget, accepted_tokens):
     """Propose, then observe a verification of the whole tree that accepted the path of these tokens."""
     tree = propose(proposer, request, budget)

@@ -205,6 +205,8 @@ def test_ngram_cutoff_flag_reaches_the_proposer_and_is_checked():
     assert engine_config(build_parser().parse_args(["serve"])).ngram_cutoff == 0.15  # README's default
     config = engine_config(build_parser().parse_args(["serve", "--ngram-cutoff", "0"]))
     assert build_proposers(config, None)["ngram"].cutoff == 0.0
+    assert build_proposers(config, None)["jacobi"]._retrieval.cutoff == 0.0  # TR-Jacobi's retrieval chain
+    assert build_proposers(engine_config(build_parser().parse_args(["serve"])), None)["jacobi"]._retrieval.cutoff == 0.15
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="ngram_cutoff"):
             EngineConfig(ngram_cutoff=bad)
