@@ -29,7 +29,8 @@ from engine.types import DraftTree, Request
 
 STATE_KEY = "ngram"
 PENDING_KEY = "ngram_copies"
-"""request.state key: copies not yet scored, as (text length when made, match order, tokens)."""
+"""request.state key: copies not yet scored, as [text length when made, match order, tokens, how many
+of them the text has confirmed so far]."""
 ACCURACY_KEY = "ngram_accuracy"
 """request.state key: the request's own CopyAccuracy."""
 SCORE_DEPTH = 16  # copies are scored this deep; a deeper draft takes the last depth's estimate
@@ -168,25 +169,28 @@ class NgramProposer:
         if self.cutoff <= 0:
             return copy_continuation(tokens, end, k)
         copy = copy_continuation(tokens, end, max(k, SCORE_DEPTH))
-        request.state.setdefault(PENDING_KEY, []).append((len(tokens), order, copy[:SCORE_DEPTH]))
+        request.state.setdefault(PENDING_KEY, []).append([len(tokens), order, copy[:SCORE_DEPTH], 0])
         return copy[:self._trusted_length(request, order, k)]
 
     def _score_copies(self, request: Request, tokens: list[int]) -> None:
         """Record each earlier copy once the text that followed it shows how far it was right: at
-        its first wrong token, or when the text has run its whole length."""
+        its first wrong token, or when the text has run its whole length. Each pending copy keeps how
+        many of its tokens the text has confirmed, so a step compares only the tokens it added."""
         pending = request.state.get(PENDING_KEY)
         if not pending:
             return
         own = request.state.setdefault(ACCURACY_KEY, CopyAccuracy(self.max_ngram))
         unscored = []
-        for start, order, copy in pending:
-            followed = tokens[start:start + len(copy)]
-            right = num_right(copy, followed)
-            if right < len(followed) or len(followed) == len(copy):
+        for entry in pending:
+            start, order, copy, right = entry
+            followed = tokens[start + right:start + len(copy)]
+            right += num_right(copy[right:], followed)
+            if right < len(copy) and right - entry[3] == len(followed):  # right so far, not run out
+                entry[3] = right
+                unscored.append(entry)
+            else:
                 own.record(order, right)
                 self.accuracy.record(order, right)
-            else:
-                unscored.append((start, order, copy))
         request.state[PENDING_KEY] = unscored
 
     def _trusted_length(self, request: Request, order: int, k: int) -> int:

@@ -328,3 +328,26 @@ def test_jacobi_window_alone_converges():
     # Steps alternate: a context-filled window (all wrong, 1 token) whose rows are then exact, and
     # that window fully accepted (4 + the bonus = 5 tokens), which empties it again: mean 3.
     assert mean >= 2.9, mean
+
+
+def test_only_requests_verifying_a_draft_get_their_rows_top_tokens():
+    """A step without a draft teaches the window nothing, so its rows need no top-k; the top-k of the
+    rows that do is each request's own (gathered, not the step's every row)."""
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.spec.base import chain
+    from engine.speculation import Speculator, verify_step
+    from engine.types import ScheduledRequest
+
+    requests = [Request(f"r{i}", [1, 2, 3], 3, SamplingParams(temperature=0.0, max_tokens=64),
+                        spec=SpecParams(method="jacobi")) for i in range(3)]
+    drafts = [chain([4, 5]), None, chain([6])]
+    entries = [ScheduledRequest(r, 1, d, max_draft_tokens=2) for r, d in zip(requests, drafts)]
+    needs = Speculator(EngineConfig(spec="jacobi")).top_k_for(entries)
+    assert needs == {"r0": 2, "r2": 2}
+    logits = torch.randn(3 + 1 + 2, 50, generator=torch.Generator().manual_seed(0))
+    verified = verify_step(logits, entries, needs)
+    assert verified[1].row_top_tokens is None
+    assert verified[0].row_top_tokens == logits[0:3].topk(2).indices.tolist()
+    assert verified[2].row_top_tokens == logits[4:6].topk(2).indices.tolist()
