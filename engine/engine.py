@@ -21,7 +21,8 @@ from engine.models.loader import model_name, resolve_model_dir
 from engine.scheduler import Scheduler
 from engine.spec.bpd import HEAD_ROW_SHARE
 from engine.spec.controller import ATTENTION_CALIBRATION, CALIBRATION_ROWS
-from engine.speculation import Speculator, Verified, accepted_path_moves, unpad, verify_step
+from engine.speculation import Speculator, accepted_path_moves, unpad
+from engine.verify_step import Verified, verify_step
 from engine.tokenizer import Tokenizer
 from engine.types import (DraftTree, EngineRequest, FinishedStats, FinishReason, Request, RequestOutput,
                           SamplingParams, ScheduledRequest, SchedulerOutput, SpecRecord, StepStats, TokenLogprob)

@@ -7,7 +7,7 @@ several rows of one request, each row with its own params and its own output his
     probs  = probs_from_logits(logits, rows_params)                          # temperature, top-k, top-p
     tokens = sample_from_probs(probs, generators)                            # per-row torch.Generator
 
-The engine calls these through engine/speculation.py's `verify_step` only: a request without
+The engine calls these through engine/verify_step.py's `verify_step` only: a request without
 drafts is a zero-node draft tree, so plain decoding and speculation share one code path.
 
 Sampling is inverse-CDF with one uniform per row drawn from that row's generator: an exact sample

@@ -49,7 +49,7 @@ from engine.types import Request
 CALIBRATION_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128)
 """Rows timed at start-up. 12 and 24 because a batch of 8 or 16 decoding requests prices its first
 drafts on the curve just above those sizes, where it is steeper than the line to the next power of two:
-on the dev CPU (fp32, session 27) the 9th row of a step cost 1.8-2.0 ms and the 17th 1.9 ms, where the
+on the dev CPU (fp32, session 27) the 9th row of a step cost 1.8-2.0 ms and the 17th 1.2-1.9 ms, where the
 lines 8 -> 16 and 16 -> 32 said 1.2-1.3 ms."""
 ATTENTION_CALIBRATION = (16, 512)  # rows, context keys: the attention term's start-up measurement
 PRIOR_WEIGHT = 2.0  # pseudo-observations of the method's average behind each request's estimate

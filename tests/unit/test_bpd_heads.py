@@ -9,7 +9,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.spec.base import chain
 from engine.spec.bpd import HEAD_ROW_SHARE, SAMPLED_ROWS_PER_DRAFT, BpdProposer, DraftHeads
-from engine.speculation import verify_step
+from engine.verify_step import verify_step
 from engine.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput, VerifyResult
 
 VOCAB = 10

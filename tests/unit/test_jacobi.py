@@ -337,7 +337,8 @@ def test_only_requests_verifying_a_draft_get_their_rows_top_tokens():
 
     from engine.config import EngineConfig
     from engine.spec.base import chain
-    from engine.speculation import Speculator, verify_step
+    from engine.speculation import Speculator
+    from engine.verify_step import verify_step
     from engine.types import ScheduledRequest
 
     requests = [Request(f"r{i}", [1, 2, 3], 3, SamplingParams(temperature=0.0, max_tokens=64),

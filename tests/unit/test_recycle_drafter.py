@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine.spec.base import chain
 from engine.spec.recycle import RecycleModule, RecycleProposer, recycle
-from engine.speculation import verify_step
+from engine.verify_step import verify_step
 from engine.train.recycle import init_module
 from engine.types import Request, SamplingParams, ScheduledRequest, VerifyResult
 

@@ -13,7 +13,7 @@ from engine.sampler import (
     probs_from_logits,
     sample_from_probs,
 )
-from engine.speculation import verify_step
+from engine.verify_step import verify_step
 from engine.types import Request, SamplingParams, ScheduledRequest
 
 
